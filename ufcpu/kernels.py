@@ -1,0 +1,170 @@
+"""Every Numba kernel of the engine, and every constant a kernel reads.
+
+Policy, the same for all kernels (see `_JIT`):
+- `cache=True`: compiled machine code is kept on disk, so only the first run of a fresh install
+  pays the compile (a few seconds). `ufcpu warmup` does that ahead of time.
+- `fastmath` is a subset of LLVM flags: reassociation and contraction let the dot products
+  vectorise, but NaN/inf semantics stay on ("nnan"/"ninf" are off) so bad weights show up as NaN
+  instead of silently routing somewhere.
+- `parallel=True` kernels split work over tokens with `prange`. They run between NumPy GEMMs,
+  never during one, so Numba's pool and the BLAS pool never spin against each other.
+- Kernels only do math on arrays the Python wrapper has already checked (shapes, dtypes,
+  contiguity): an out-of-bounds index inside a kernel is a segfault, not an exception.
+
+Every kernel here is tested against a naive NumPy version in tests/test_kernels.py.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+
+
+def _default_cache_dir() -> None:
+    """Numba caches next to the package unless told otherwise; a read-only install would then
+    fail to cache. Point it at the user's cache folder when the package folder is not writable."""
+    if os.environ.get("NUMBA_CACHE_DIR"):
+        return
+    here = os.path.dirname(os.path.abspath(__file__))
+    if not os.access(here, os.W_OK):
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        os.environ["NUMBA_CACHE_DIR"] = os.path.join(base, "ufcpu", "numba")
+
+
+_default_cache_dir()
+
+import numba  # noqa: E402  (after NUMBA_CACHE_DIR is settled)
+from numba import njit, prange  # noqa: E402
+
+# LLVM fast-math flags: everything but the two that drop NaN/inf semantics.
+FASTMATH = {"reassoc", "contract", "arcp", "nsz", "afn"}
+_JIT = dict(cache=True, fastmath=FASTMATH, nogil=True)
+
+SQRT1_2 = np.float32(1.0 / math.sqrt(2.0))   # exact GELU: 0.5 z (1 + erf(z / sqrt 2))
+MASK_BIAS = np.float32(-10000.0)              # additive score of a padded key, as the reference does
+
+
+# ---------------------------------------------------------------------------------------------
+# GELU
+# ---------------------------------------------------------------------------------------------
+
+@njit(**_JIT)
+def gelu_scalar(z):
+    return np.float32(0.5) * z * (np.float32(1.0) + np.float32(math.erf(z * SQRT1_2)))
+
+
+@njit(parallel=True, **_JIT)
+def gelu_(x):  # [T, F] float32, in place
+    for t in prange(x.shape[0]):
+        row = x[t]
+        for j in range(row.shape[0]):
+            row[j] = gelu_scalar(row[j])
+
+
+# ---------------------------------------------------------------------------------------------
+# LayerNorm
+# ---------------------------------------------------------------------------------------------
+
+@njit(parallel=True, **_JIT)
+def layer_norm(x, w, b, eps, out):  # [T, H], [H], [H], float, [T, H] -> out
+    t_count, h = x.shape
+    for t in prange(t_count):
+        row = x[t]
+        mean = np.float32(0.0)
+        for j in range(h):
+            mean += row[j]
+        mean /= h
+        var = np.float32(0.0)
+        for j in range(h):
+            d = row[j] - mean
+            var += d * d
+        var /= h
+        inv = np.float32(1.0) / np.sqrt(var + eps)
+        o = out[t]
+        for j in range(h):
+            o[j] = (row[j] - mean) * inv * w[j] + b[j]
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention softmax: scale, additive key mask, softmax over keys, in place
+# ---------------------------------------------------------------------------------------------
+
+@njit(parallel=True, **_JIT)
+def masked_softmax_(scores, key_bias, scale):  # [B, A, S, S], [B, S] additive, float32 -> in place
+    b_count, a_count, s_count, k_count = scores.shape
+    for ba in prange(b_count * a_count):
+        bi = ba // a_count
+        ai = ba % a_count
+        bias = key_bias[bi]
+        for q in range(s_count):
+            row = scores[bi, ai, q]
+            m = np.float32(-np.inf)
+            for k in range(k_count):
+                v = row[k] * scale + bias[k]
+                row[k] = v
+                if v > m:
+                    m = v
+            total = np.float32(0.0)
+            for k in range(k_count):
+                e = np.exp(row[k] - m)
+                row[k] = e
+                total += e
+            inv = np.float32(1.0) / total
+            for k in range(k_count):
+                row[k] *= inv
+
+
+# ---------------------------------------------------------------------------------------------
+# Fast feedforward: the tree walk
+# ---------------------------------------------------------------------------------------------
+
+@njit(**_JIT)
+def _fff_token(y, w_in, b_in, w_out, depth, out_row, route, logits):
+    """One token's walk: depth+1 nodes from the root, each adds GELU(z) * w_out[node].
+
+    Only the visited rows of w_in and w_out are read: 2 * (D+1) rows instead of 2 * (2^(D+1)-1).
+    """
+    h = y.shape[0]
+    for j in range(h):
+        out_row[j] = np.float32(0.0)
+    node = 0
+    for level in range(depth + 1):
+        wrow = w_in[node]
+        z = b_in[node]
+        for j in range(h):
+            z += wrow[j] * y[j]
+        route[level] = node
+        logits[level] = z
+        g = gelu_scalar(z)
+        orow = w_out[node]
+        for j in range(h):
+            out_row[j] += g * orow[j]
+        # strict >: a token goes right only if z > 0 (heap order: children 2n+1, 2n+2)
+        node = 2 * node + 1 + (1 if z > np.float32(0.0) else 0)
+
+
+@njit(parallel=True, **_JIT)
+def fff_walk(x, w_in, b_in, w_out, depth, out, routes, logits):
+    """x [T, H], w_in [N, H], b_in [N], w_out [N, H] -> out [T, H], routes/logits [T, D+1]."""
+    for t in prange(x.shape[0]):
+        _fff_token(x[t], w_in, b_in, w_out, depth, out[t], routes[t], logits[t])
+
+
+def warmup() -> None:
+    """Compile (or load from cache) every kernel on tiny float32 inputs."""
+    f32 = np.float32
+    x = np.ones((2, 4), f32)
+    gelu_(x.copy())
+    layer_norm(x, np.ones(4, f32), np.zeros(4, f32), f32(1e-12), np.empty_like(x))
+    masked_softmax_(np.ones((1, 1, 2, 2), f32), np.zeros((1, 2), f32), f32(1.0))
+    fff_walk(x, np.ones((3, 4), f32), np.zeros(3, f32), np.ones((3, 4), f32), 1,
+             np.empty_like(x), np.empty((2, 2), np.int32), np.empty((2, 2), f32))
+
+
+def set_threads(n: int) -> None:
+    numba.set_num_threads(n)
+
+
+def max_threads() -> int:
+    return numba.config.NUMBA_NUM_THREADS

@@ -1,0 +1,114 @@
+"""The UltraFastBERT forward pass, as small pure functions (see MODEL.md, "Forward pass").
+
+Notation: B sequences, S tokens, H width, A heads of size d = H / A, N = 2^(D+1)-1 tree nodes.
+Dense products go through NumPy (BLAS); the tree walk, LayerNorm and the masked softmax are
+Numba kernels (ufcpu/kernels.py). Everything is float32.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+
+from . import kernels
+from .config import Config
+from .weights import Layer, Weights
+
+f32 = np.float32
+
+
+# --- embedding ------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=16)
+def sinusoidal_positions(s: int, h: int) -> np.ndarray:  # -> [S, H], read-only
+    """pe[p, 2i] = sin(p * div_i), pe[p, 2i+1] = cos(p * div_i), interleaved. Computed in float32
+    step by step, as the reference does, so the rounding matches it."""
+    div = np.exp(np.arange(0, h, 2, dtype=f32) * f32(-math.log(10000.0) / h))  # [H/2]
+    angle = np.arange(s, dtype=f32)[:, None] * div[None, :]                   # [S, H/2]
+    pe = np.empty((s, h), f32)
+    pe[:, 0::2] = np.sin(angle)
+    pe[:, 1::2] = np.cos(angle)
+    pe.flags.writeable = False
+    return pe
+
+
+def layer_norm(x: np.ndarray, w: np.ndarray, b: np.ndarray, eps: float) -> np.ndarray:  # [..., H] -> [..., H]
+    flat = np.ascontiguousarray(x).reshape(-1, x.shape[-1])
+    out = np.empty_like(flat)
+    kernels.layer_norm(flat, w, b, f32(eps), out)
+    return out.reshape(x.shape)
+
+
+def embed(ids: np.ndarray, w: Weights, cfg: Config) -> np.ndarray:  # [B, S] -> [B, S, H]
+    x = w.word[ids] + w.pos_scale * sinusoidal_positions(ids.shape[1], cfg.hidden)
+    return layer_norm(x, w.emb_ln_w, w.emb_ln_b, cfg.norm_eps)
+
+
+# --- attention ------------------------------------------------------------------------------------
+
+def key_bias(mask: np.ndarray) -> np.ndarray:  # [B, S] of 0/1 -> [B, S] additive score bias
+    """The reference adds (1 - mask) * -10000 to every score of a padded key (not -inf)."""
+    return (f32(1.0) - mask.astype(f32)) * kernels.MASK_BIAS
+
+
+def attention(h: np.ndarray, bias: np.ndarray, layer: Layer, cfg: Config) -> np.ndarray:  # [B, S, H] -> [B, S, H]
+    b, s, hid = h.shape
+    a, d = cfg.heads, cfg.head_size
+    qkv = h.reshape(b * s, hid) @ layer.qkv.T                      # [B*S, 3H]
+    q, k, v = qkv.reshape(b, s, 3, a, d).transpose(2, 0, 3, 1, 4)  # 3 x [B, A, S, d]
+    scores = q @ k.transpose(0, 1, 3, 2)                           # [B, A, S, S]
+    kernels.masked_softmax_(scores, bias, layer.norm_factor)       # softmax over keys, in place
+    ctx = (scores @ v).transpose(0, 2, 1, 3).reshape(b * s, hid)   # [B*S, H], feature = head*d + i
+    return (ctx @ layer.attn_out.T).reshape(b, s, hid)
+
+
+# --- fast feedforward -----------------------------------------------------------------------------
+
+def fff(y: np.ndarray, w_in: np.ndarray, b_in: np.ndarray, w_out: np.ndarray,
+        depth: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """[T, H] -> out [T, H], routes [T, D+1] (int32 node ids), logits [T, D+1] (z on the path)."""
+    t = y.shape[0]
+    out = np.empty_like(y)
+    routes = np.empty((t, depth + 1), np.int32)
+    logits = np.empty((t, depth + 1), f32)
+    kernels.fff_walk(y, w_in, b_in, w_out, depth, out, routes, logits)
+    return out, routes, logits
+
+
+def feedforward(h: np.ndarray, layer: Layer, cfg: Config) -> np.ndarray:  # [B, S, H] -> [B, S, H]
+    out, _, _ = fff(h.reshape(-1, cfg.hidden), layer.w_in, layer.b_in, layer.w_out, cfg.depth)
+    return out.reshape(h.shape)
+
+
+# --- the encoder ----------------------------------------------------------------------------------
+
+def block(x: np.ndarray, bias: np.ndarray, layer: Layer, cfg: Config) -> np.ndarray:  # [B, S, H] -> [B, S, H]
+    x = x + attention(layer_norm(x, layer.ln1_w, layer.ln1_b, cfg.norm_eps), bias, layer, cfg)
+    return x + feedforward(layer_norm(x, layer.ln2_w, layer.ln2_b, cfg.norm_eps), layer, cfg)
+
+
+def encoder(ids: np.ndarray, mask: np.ndarray, w: Weights, cfg: Config) -> np.ndarray:  # [B, S] x2 -> [B, S, H]
+    """Final hidden states: embedding, the pre-LN layers, the final LayerNorm."""
+    x = embed(ids, w, cfg)
+    bias = key_bias(mask)
+    for layer in w.layers:
+        x = block(x, bias, layer, cfg)
+    return layer_norm(x, w.final_ln_w, w.final_ln_b, cfg.norm_eps)
+
+
+def encoder_trace(ids: np.ndarray, mask: np.ndarray, w: Weights, cfg: Config) -> dict[str, np.ndarray]:
+    """The same pass, keeping what the parity tests compare: each layer's output and FFF routes."""
+    x = embed(ids, w, cfg)
+    trace = {"embedding_out": x, "layer_out": [], "routes": [], "route_logits": []}
+    bias = key_bias(mask)
+    for layer in w.layers:
+        x = x + attention(layer_norm(x, layer.ln1_w, layer.ln1_b, cfg.norm_eps), bias, layer, cfg)
+        y = layer_norm(x, layer.ln2_w, layer.ln2_b, cfg.norm_eps).reshape(-1, cfg.hidden)
+        out, routes, logits = fff(y, layer.w_in, layer.b_in, layer.w_out, cfg.depth)
+        x = x + out.reshape(x.shape)
+        trace["layer_out"].append(x)
+        trace["routes"].append(routes.reshape(*x.shape[:2], -1))
+        trace["route_logits"].append(logits.reshape(*x.shape[:2], -1))
+    trace["final_hidden"] = layer_norm(x, w.final_ln_w, w.final_ln_b, cfg.norm_eps)
+    return {k: np.stack(v) if isinstance(v, list) else v for k, v in trace.items()}
