@@ -150,6 +150,9 @@ def config_from_hub(cfg: dict[str, Any], source: str = "config.json") -> Config:
     pooler = head.get("pooler", "avg")
     if task == "classification" and pooler not in POOLERS:
         raise CheckpointError(f"{source}: classification_head.pooler {pooler!r} is not supported (one of {POOLERS})")
+    if task == "classification" and head.get("nonlin", "Tanh") != "Tanh":
+        raise CheckpointError(f"{source}: classification_head.nonlin {head.get('nonlin')!r} is not supported "
+                              "(this engine implements 'Tanh')")
     id2label = cfg.get("id2label")
     if isinstance(id2label, dict):
         try:

@@ -81,19 +81,42 @@ def feedforward(h: np.ndarray, layer: Layer, cfg: Config) -> np.ndarray:  # [B, 
     return out.reshape(h.shape)
 
 
+def feedforward_dense_masked(h: np.ndarray, layer: Layer, cfg: Config) -> np.ndarray:  # [B, S, H] -> [B, S, H]
+    """What the published Hub code does: all N node logits by GEMM, GELU on every node, the
+    nodes off each token's path masked to zero, then a GEMM with all N output vectors. Same
+    result as the walk, at the cost of a dense N-wide feedforward. Kept for the benchmark
+    ("what Hub users get today") and as an independent check of the walk."""
+    y = h.reshape(-1, cfg.hidden)
+    z = y @ layer.w_in.T + layer.b_in                                  # [T, N]
+    t = np.arange(y.shape[0])
+    on_path = np.zeros(z.shape, bool)
+    node = np.zeros(y.shape[0], np.int64)
+    for _ in range(cfg.depth + 1):
+        on_path[t, node] = True
+        node = 2 * node + 1 + (z[t, node] > 0)
+    g = np.where(on_path, z, f32(0.0))
+    kernels.gelu_(g)                                                   # GELU(0) = 0 off the path
+    return (g @ layer.w_out).reshape(h.shape)
+
+
+FFN = {"fff": feedforward, "dense-masked": feedforward_dense_masked}
+
+
 # --- the encoder ----------------------------------------------------------------------------------
 
-def block(x: np.ndarray, bias: np.ndarray, layer: Layer, cfg: Config) -> np.ndarray:  # [B, S, H] -> [B, S, H]
+def block(x: np.ndarray, bias: np.ndarray, layer: Layer, cfg: Config, ffn=feedforward) -> np.ndarray:
+    """One pre-LN layer: [B, S, H] -> [B, S, H]."""
     x = x + attention(layer_norm(x, layer.ln1_w, layer.ln1_b, cfg.norm_eps), bias, layer, cfg)
-    return x + feedforward(layer_norm(x, layer.ln2_w, layer.ln2_b, cfg.norm_eps), layer, cfg)
+    return x + ffn(layer_norm(x, layer.ln2_w, layer.ln2_b, cfg.norm_eps), layer, cfg)
 
 
-def encoder(ids: np.ndarray, mask: np.ndarray, w: Weights, cfg: Config) -> np.ndarray:  # [B, S] x2 -> [B, S, H]
-    """Final hidden states: embedding, the pre-LN layers, the final LayerNorm."""
+def encoder(ids: np.ndarray, mask: np.ndarray, w: Weights, cfg: Config, ffn=feedforward) -> np.ndarray:
+    """Final hidden states [B, S, H] from ids and mask [B, S]: embedding, the pre-LN layers, the
+    final LayerNorm. `ffn(h, layer, cfg)` computes each layer's feedforward (FFN holds the choices)."""
     x = embed(ids, w, cfg)
     bias = key_bias(mask)
     for layer in w.layers:
-        x = block(x, bias, layer, cfg)
+        x = block(x, bias, layer, cfg, ffn)
     return layer_norm(x, w.final_ln_w, w.final_ln_b, cfg.norm_eps)
 
 

@@ -1,0 +1,252 @@
+"""The library surface: `ufcpu.load(...)` returns a `Model`.
+
+A Model owns the config, the memory-mapped weights and the tokenizer. It checks inputs, batches
+texts by length (sorted, so a batch pads to its own longest text, not the corpus's), and calls
+the pure forward pass in model.py.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+
+from . import heads, hub
+from . import model as fwd
+from . import threads as _threads
+from .config import Config
+from .errors import InputError
+from .tokenizer import Tokenizer, pad
+from .weights import check_finite, load_weights, read_engine_config
+
+log = logging.getLogger("ufcpu")
+f32 = np.float32
+
+
+def load(name_or_path: str | Path | None = None, revision: str | None = None,
+         threads: int | None = None, check: bool = False, ffn: str = "fff") -> "Model":
+    """Load a checkpoint: a Hub id (default pbelcak/UltraFastBERT-1x11-long), a Hub-layout
+    folder or a converted engine folder. The first load of a checkpoint converts it into the
+    cache; later loads map the converted weights directly.
+
+    threads: threads for both NumPy's BLAS and Numba (default: all cores).
+    check: also scan every weight for NaN/inf (reads the whole file once).
+    ffn: "fff" (the tree walk) or "dense-masked" (all nodes computed and masked, as the published
+         code does: same results, for comparison only).
+    """
+    engine_dir, source = hub.resolve(name_or_path, revision, log=log.info)
+    return Model(engine_dir, source=source, threads=threads, check=check, ffn=ffn)
+
+
+class Model:
+    def __init__(self, engine_dir: str | Path, source: str | Path | None = None,
+                 threads: int | None = None, check: bool = False, ffn: str = "fff"):
+        if ffn not in fwd.FFN:
+            raise InputError(f"ffn must be one of {', '.join(fwd.FFN)}, got {ffn!r}")
+        self.ffn = fwd.FFN[ffn]
+        self.path = Path(engine_dir)
+        self.source = Path(source) if source is not None else self.path
+        self.config: Config = read_engine_config(self.path)
+        self.weights = load_weights(self.path, self.config)
+        if check:
+            check_finite(self.weights, str(self.path))
+        self.tokenizer = Tokenizer(self.path / "tokenizer.json", self.config.max_seq)
+        if self.tokenizer.vocab_size > self.config.vocab:
+            from .errors import CheckpointError
+            raise CheckpointError(f"{self.path}: tokenizer has {self.tokenizer.vocab_size} tokens, "
+                                  f"the embedding only {self.config.vocab} rows")
+        self.threads = _threads.set_threads(threads)
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (f"Model({str(self.source)!r}, layers={c.layers}, hidden={c.hidden}, depth={c.depth}, "
+                f"task={c.task!r}, threads={self.threads})")
+
+    # --- tokens ------------------------------------------------------------------------------------
+
+    def tokenize(self, texts: str | Sequence[str]) -> dict[str, np.ndarray]:
+        """-> {"input_ids", "attention_mask"} int64 [B, S], padded with the pad id, truncated to max_seq."""
+        batch = self.tokenizer(_as_list(texts))
+        self._warn_truncated(batch.truncated)
+        return {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
+
+    def _warn_truncated(self, idx: list[int]) -> None:
+        if idx:
+            log.warning("%d text(s) longer than %d tokens were truncated (first: #%d)",
+                        len(idx), self.config.max_seq, idx[0])
+
+    def _check_ids(self, input_ids, attention_mask) -> tuple[np.ndarray, np.ndarray]:
+        ids = np.asarray(input_ids)
+        if ids.ndim == 1:
+            ids = ids[None]
+        if ids.ndim != 2 or ids.shape[0] == 0 or ids.shape[1] == 0:
+            raise InputError(f"input_ids must be a non-empty [batch, seq] array, got shape {ids.shape}")
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise InputError(f"input_ids must be integers, got {ids.dtype}")
+        if ids.shape[1] > self.config.max_seq:
+            raise InputError(f"sequence length {ids.shape[1]} exceeds the model's {self.config.max_seq} positions")
+        if ids.min() < 0 or ids.max() >= self.config.vocab:
+            raise InputError(f"input_ids must lie in [0, {self.config.vocab}), got {ids.min()}..{ids.max()}")
+        if attention_mask is None:
+            mask = np.ones(ids.shape, np.int64)
+        else:
+            mask = np.asarray(attention_mask)
+            if mask.ndim == 1:
+                mask = mask[None]
+            if mask.shape != ids.shape:
+                raise InputError(f"attention_mask shape {mask.shape} differs from input_ids shape {ids.shape}")
+            if not np.isin(mask, (0, 1)).all():
+                raise InputError("attention_mask must hold only 0 and 1")
+        return ids.astype(np.int64, copy=False), mask.astype(np.int64, copy=False)
+
+    # --- raw outputs -------------------------------------------------------------------------------
+
+    def hidden_states(self, input_ids, attention_mask=None) -> np.ndarray:
+        """-> float32 [B, S, H]: the final LayerNorm's output."""
+        ids, mask = self._check_ids(input_ids, attention_mask)
+        return fwd.encoder(ids, mask, self.weights, self.config, self.ffn)
+
+    def mlm_logits(self, input_ids, attention_mask=None) -> np.ndarray:
+        """-> float32 [B, S, V] (MLM checkpoints)."""
+        self._need("mlm", "mlm_logits")
+        return heads.mlm_logits(self.hidden_states(input_ids, attention_mask), self.weights)
+
+    def _need(self, task: str, what: str) -> None:
+        if self.config.task != task:
+            raise InputError(f"{what} needs a {task} checkpoint; {self.source} is a {self.config.task} checkpoint")
+
+    # --- batching ----------------------------------------------------------------------------------
+
+    def _batches(self, items: list, batch_size: int) -> Iterator[tuple[np.ndarray, dict]]:
+        """Tokenize, sort by length, and yield (indices, padded batch) with little padding."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
+        ids, truncated = self.tokenizer.encode_ids(items)
+        self._warn_truncated(truncated)
+        order = np.argsort([len(x) for x in ids], kind="stable")
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            yield idx, pad([ids[i] for i in idx], self.tokenizer.pad_id)
+
+    def _hidden_batches(self, items: list, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        for idx, b in self._batches(items, batch_size):
+            yield idx, fwd.encoder(b.input_ids, b.attention_mask, self.weights, self.config, self.ffn), b.attention_mask
+
+    # --- sentence embeddings -----------------------------------------------------------------------
+
+    def encode(self, texts: str | Sequence[str], pooling: str = "mean", normalize: bool = False,
+               batch_size: int = 32):
+        """-> float32 [n, H] ([H] for one str); pooling "mean" (real tokens), "first", or "none"
+        (a list of [n_i, H] arrays, each text's real tokens). A text's vectors do not depend on
+        what else is in the batch."""
+        single = isinstance(texts, str)
+        items = _as_list(texts)
+        if pooling not in (*heads.SENTENCE_POOLING, "none"):
+            raise InputError(f"pooling must be one of mean, first, none; got {pooling!r}")
+        if not items:
+            return [] if pooling == "none" else np.zeros((0, self.config.hidden), f32)
+        out: list = [None] * len(items)
+        for idx, h, mask in self._hidden_batches(items, batch_size):
+            if pooling == "none":
+                rows = [h[j, :int(mask[j].sum())].copy() for j in range(len(idx))]
+            else:
+                rows = heads.SENTENCE_POOLING[pooling](h, mask)
+            for j, i in enumerate(idx):
+                out[i] = heads.l2_normalize(rows[j]) if normalize else rows[j]
+        if pooling == "none":
+            return out[0] if single else out
+        arr = np.stack(out).astype(f32, copy=False)
+        return arr[0] if single else arr
+
+    def encode_iter(self, texts: Iterable[str], pooling: str = "mean", normalize: bool = False,
+                    batch_size: int = 32, window: int = 1024) -> Iterator[np.ndarray]:
+        """Stream embeddings for an iterable of any length, in input order, in bounded memory:
+        texts are read `window` at a time and sorted by length inside the window."""
+        chunk: list[str] = []
+        for t in texts:
+            chunk.append(t)
+            if len(chunk) >= window:
+                yield from self.encode(chunk, pooling, normalize, batch_size)
+                chunk = []
+        if chunk:
+            yield from self.encode(chunk, pooling, normalize, batch_size)
+
+    # --- fill-mask ---------------------------------------------------------------------------------
+
+    def fill_mask(self, text: str, top_k: int = 5):
+        """-> [{"score", "token", "token_str", "sequence"}] per mask, best first, as the Hugging Face
+        fill-mask pipeline returns (a list of such lists when the text holds several masks)."""
+        self._need("mlm", "fill_mask")
+        if not isinstance(text, str):
+            raise InputError("fill_mask takes one string")
+        if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
+            raise InputError(f"top_k must be a positive integer, got {top_k!r}")
+        tok = self.tokenizer
+        text = tok.normalize_mask(text)
+        b = tok([text])
+        self._warn_truncated(b.truncated)
+        ids = b.input_ids[0]
+        where = np.flatnonzero(ids == tok.mask_id)
+        if where.size == 0:
+            raise InputError(f"no mask token in the text: write {tok.mask_token} (or [MASK]) where a word should be predicted")
+        h = self.hidden_states(b.input_ids)[0]                  # [S, H]
+        probs = heads.softmax(heads.mlm_logits(h[where], self.weights))   # [M, V]
+        k = min(top_k, probs.shape[1])
+        results = []
+        for m, pos in enumerate(where):
+            best = np.argsort(-probs[m], kind="stable")[:k]
+            preds = []
+            for t in best:
+                filled = ids.copy()
+                filled[pos] = t
+                preds.append({"score": float(probs[m, t]), "token": int(t),
+                              "token_str": tok.decode([t]), "sequence": tok.decode(filled)})
+            results.append(preds)
+        return results[0] if len(results) == 1 else results
+
+    # --- classification ----------------------------------------------------------------------------
+
+    def classify(self, items, batch_size: int = 32) -> np.ndarray:
+        """Strings or (text_a, text_b) pairs -> float32 logits [n, C] ([C] for one string)."""
+        self._need("classification", "classify")
+        single = isinstance(items, str) or (isinstance(items, tuple) and len(items) == 2
+                                            and all(isinstance(p, str) for p in items))
+        lst = [items] if single else list(items)
+        if not lst:
+            return np.zeros((0, self.config.num_labels), f32)
+        out = np.empty((len(lst), self.config.num_labels), f32)
+        for idx, h, mask in self._hidden_batches(lst, batch_size):
+            pooled = heads.pool_items(h, mask, self.config.pooler)
+            out[idx] = heads.classify_pooled(pooled, self.weights, self.config)
+        return out[0] if single else out
+
+    def predict(self, items, batch_size: int = 32) -> list[dict]:
+        """-> [{"label", "score", "probabilities"}] per item. A one-output head is read as a
+        binary score (sigmoid)."""
+        logits = np.atleast_2d(self.classify(items, batch_size))
+        probs = heads.probabilities(logits)
+        names = self.config.id2label or tuple(f"LABEL_{i}" for i in range(logits.shape[1]))
+        res = []
+        for p in probs:
+            if p.shape[0] == 1:
+                best, score = int(p[0] > 0.5), float(p[0])
+                label = names[0] if len(names) == 1 else str(best)
+            else:
+                best = int(p.argmax())
+                label, score = names[best], float(p[best])
+            res.append({"label": label, "score": score, "probabilities": [float(x) for x in p]})
+        return res
+
+
+def _as_list(texts) -> list:
+    if isinstance(texts, str):
+        return [texts]
+    if texts is None:
+        raise InputError("no texts given")
+    try:
+        return list(texts)
+    except TypeError:
+        raise InputError(f"expected a string or a list of strings, got {type(texts).__name__}") from None

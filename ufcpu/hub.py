@@ -1,0 +1,117 @@
+"""Name or path -> a converted engine folder, downloading and converting at most once.
+
+- An engine folder (holds engine.json) is used as it is.
+- A folder in the Hub layout (config.json + model.safetensors or a torch pickle) is converted
+  once into the cache; the cache key covers the config and the weight files' names, sizes and
+  modification times, so an edited checkpoint is converted again and an unchanged one never is.
+- Anything else is a Hub id, fetched with huggingface_hub (its cache, its progress bar, its
+  offline mode: HF_HUB_OFFLINE=1), then converted as above.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from pathlib import Path
+
+from .errors import CheckpointError
+from .weights import ENGINE_CONFIG, ENGINE_VERSION
+
+DEFAULT_MODEL = "pbelcak/UltraFastBERT-1x11-long"
+HUB_FILES = ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+             "special_tokens_map.json"]
+
+
+def cache_dir() -> Path:
+    """Where converted checkpoints live: $UFCPU_CACHE, else $XDG_CACHE_HOME/ufcpu, else ~/.cache/ufcpu."""
+    if os.environ.get("UFCPU_CACHE"):
+        return Path(os.environ["UFCPU_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "ufcpu"
+
+
+def is_engine_folder(p: Path) -> bool:
+    return (p / ENGINE_CONFIG).is_file()
+
+
+def is_hub_folder(p: Path) -> bool:
+    return (p / "config.json").is_file()
+
+
+def _fingerprint(folder: Path) -> str:
+    """Identifies a Hub-layout folder's content cheaply (no full read of 755 MB)."""
+    h = hashlib.sha256(f"engine-v{ENGINE_VERSION}".encode())
+    for name in sorted(os.listdir(folder)):
+        p = folder / name
+        if p.is_file() and not name.endswith(".npz"):
+            st = p.stat()
+            h.update(f"{name}:{st.st_size}:{st.st_mtime_ns}".encode())
+            if name == "config.json":
+                h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def converted_path(folder: Path) -> Path:
+    folder = folder.resolve()
+    return cache_dir() / "converted" / f"{folder.name}-{_fingerprint(folder)}"
+
+
+def ensure_converted(folder: Path, log=None) -> tuple[Path, bool]:
+    """Hub-layout folder -> (engine folder in the cache, whether this call converted it)."""
+    from weights_convert.convert import convert
+
+    dst = converted_path(folder)
+    if is_engine_folder(dst):
+        return dst, False
+    if log:
+        log(f"converting {folder} -> {dst} (once)")
+    return convert(folder, dst), True
+
+
+def download(repo_id: str, revision: str | None = None) -> Path:
+    """Fetch the checkpoint's files from the Hub (or its local cache) -> snapshot folder."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:  # pragma: no cover - it is a hard dependency
+        raise CheckpointError("huggingface_hub is not installed: pass a local folder instead") from None
+    try:
+        path = snapshot_download(repo_id, revision=revision,
+                                 allow_patterns=HUB_FILES + ["pytorch_model.bin", "*.pth"])
+    except Exception as e:
+        kind = type(e).__name__
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else kind
+        raise CheckpointError(
+            f"cannot get '{repo_id}' from the Hugging Face Hub ({kind}: {msg}). "
+            f"Offline? Set HF_HUB_OFFLINE=1 to use the local cache, or pass a local folder.") from None
+    return Path(path)
+
+
+def looks_like_repo_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~"))
+
+
+def resolve(name_or_path: str | os.PathLike | None, revision: str | None = None,
+            log=None) -> tuple[Path, Path]:
+    """-> (engine folder, the folder the user meant: local path or Hub snapshot)."""
+    name = str(name_or_path) if name_or_path is not None else DEFAULT_MODEL
+    local = Path(name).expanduser()
+    if local.exists():
+        if not local.is_dir():
+            raise CheckpointError(f"{local}: expected a checkpoint folder, got a file")
+        if is_engine_folder(local):
+            return local, local
+        if is_hub_folder(local):
+            return ensure_converted(local, log)[0], local
+        raise CheckpointError(f"{local}: neither a Hub-layout checkpoint (config.json) nor a "
+                              f"converted engine folder ({ENGINE_CONFIG})")
+    if not looks_like_repo_id(name):
+        raise CheckpointError(f"{name}: no such folder, and not a Hub id of the form 'owner/name'")
+    snap = download(name, revision)
+    if not is_hub_folder(snap):
+        raise CheckpointError(f"{name}: the downloaded snapshot has no config.json")
+    return ensure_converted(snap, log)[0], snap
+
+
+def stderr_log(msg: str) -> None:
+    print(f"ufcpu: {msg}", file=sys.stderr)

@@ -1,0 +1,69 @@
+"""One `threads` setting for both thread pools: NumPy's BLAS (OpenBLAS) and Numba's.
+
+The two pools never run at the same time in the forward pass (GEMM, then a kernel, then GEMM),
+but both must be told the same limit, or `--threads 1` would still use every core in the GEMMs.
+OpenBLAS is found among the loaded shared libraries (as threadpoolctl does, without depending
+on it); if it cannot be found (another BLAS), only Numba's pool is set and `blas_threads()`
+says None.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+
+import numpy as np  # noqa: F401  (loads the BLAS library this module looks for)
+
+from . import kernels
+
+# OpenBLAS builds name their setters differently: NumPy's wheels use the scipy_openblas prefix.
+_SETTERS = ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads",
+            "openblas_set_num_threads64_", "openblas_set_num_threads")
+_GETTERS = ("scipy_openblas_get_num_threads64_", "scipy_openblas_get_num_threads",
+            "openblas_get_num_threads64_", "openblas_get_num_threads")
+
+
+@functools.lru_cache(maxsize=1)
+def _openblas():
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {line.split()[-1] for line in f if "openblas" in line.lower() and ".so" in line}
+    except OSError:
+        return None
+    for path in sorted(paths):
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        setter = next((getattr(lib, s) for s in _SETTERS if hasattr(lib, s)), None)
+        getter = next((getattr(lib, s) for s in _GETTERS if hasattr(lib, s)), None)
+        if setter is not None and getter is not None:
+            return setter, getter
+    return None
+
+
+def blas_threads() -> int | None:
+    lib = _openblas()
+    return int(lib[1]()) if lib else None
+
+
+def available() -> int:
+    return kernels.max_threads()
+
+
+def set_threads(n: int | None) -> int:
+    """Use n threads in both pools (None: every core Numba may use). -> the number set."""
+    top = available()
+    n = top if n is None else int(n)
+    if n < 1:
+        raise ValueError(f"threads must be at least 1, got {n}")
+    n = min(n, top)
+    kernels.set_threads(n)
+    lib = _openblas()
+    if lib:
+        lib[0](n)
+    return n
+
+
+def cpu_count() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
