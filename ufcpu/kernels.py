@@ -152,14 +152,22 @@ def fff_walk(x, w_in, b_in, w_out, depth, out, routes, logits):
 
 
 def warmup() -> None:
-    """Compile (or load from cache) every kernel on tiny float32 inputs."""
+    """Compile (or load from cache) every kernel for the argument types the engine passes:
+    weights are read-only views into a memory map, activations are writable."""
     f32 = np.float32
+
+    def ro(a):
+        a.flags.writeable = False
+        return a
+
     x = np.ones((2, 4), f32)
     gelu_(x.copy())
+    layer_norm(x, ro(np.ones(4, f32)), ro(np.zeros(4, f32)), f32(1e-12), np.empty_like(x))
     layer_norm(x, np.ones(4, f32), np.zeros(4, f32), f32(1e-12), np.empty_like(x))
     masked_softmax_(np.ones((1, 1, 2, 2), f32), np.zeros((1, 2), f32), f32(1.0))
-    fff_walk(x, np.ones((3, 4), f32), np.zeros(3, f32), np.ones((3, 4), f32), 1,
-             np.empty_like(x), np.empty((2, 2), np.int32), np.empty((2, 2), f32))
+    for make in (ro, lambda a: a):
+        fff_walk(x, make(np.ones((3, 4), f32)), make(np.zeros(3, f32)), make(np.ones((3, 4), f32)), 1,
+                 np.empty_like(x), np.empty((2, 2), np.int32), np.empty((2, 2), f32))
 
 
 def set_threads(n: int) -> None:

@@ -1,0 +1,163 @@
+"""Every Numba kernel against a naive NumPy version, on random inputs over several shapes."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+import ufcpu
+from ufcpu import kernels
+from ufcpu import model as fwd
+
+f32 = np.float32
+_erf = np.vectorize(math.erf, otypes=[np.float64])
+
+
+def gelu_ref(z):
+    z = np.asarray(z, np.float64)
+    return 0.5 * z * (1.0 + _erf(z / math.sqrt(2.0)))
+
+
+def fff_ref(x, w_in, b_in, w_out):
+    """Token by token, level by level, in float64: the walk as MODEL.md writes it."""
+    n, h = w_in.shape
+    depth = int(math.log2(n + 1)) - 1
+    out = np.zeros(x.shape, np.float64)
+    routes = np.zeros((x.shape[0], depth + 1), np.int64)
+    for t in range(x.shape[0]):
+        node = 0
+        for level in range(depth + 1):
+            z = float(w_in[node].astype(np.float64) @ x[t].astype(np.float64) + b_in[node])
+            routes[t, level] = node
+            out[t] += gelu_ref(z) * w_out[node]
+            node = 2 * node + 1 + (z > 0)
+    return out, routes
+
+
+def random_tree(rng, t, h, depth):
+    n = 2 ** (depth + 1) - 1
+    x = rng.standard_normal((t, h), dtype=f32)
+    w_in = (rng.standard_normal((n, h), dtype=f32) / np.sqrt(h)).astype(f32)
+    b_in = (0.3 * rng.standard_normal(n, dtype=f32)).astype(f32)
+    w_out = (rng.standard_normal((n, h), dtype=f32) / np.sqrt(n)).astype(f32)
+    return x, w_in, b_in, w_out
+
+
+@pytest.mark.parametrize("t,h,depth", [(1, 8, 0), (5, 16, 1), (33, 64, 4), (7, 96, 7), (64, 128, 11)])
+def test_fff_walk_matches_naive(t, h, depth):
+    rng = np.random.default_rng(depth * 100 + t)
+    x, w_in, b_in, w_out = random_tree(rng, t, h, depth)
+    out, routes, logits = fwd.fff(x, w_in, b_in, w_out, depth)
+    ref, ref_routes = fff_ref(x, w_in, b_in, w_out)
+    assert out.dtype == np.float32 and out.shape == (t, h)
+    np.testing.assert_array_equal(routes, ref_routes)
+    np.testing.assert_allclose(out, ref, atol=2e-5, rtol=1e-4)
+    # the logits recorded are those of the path
+    z = np.einsum("th,tlh->tl", x.astype(np.float64), w_in[routes].astype(np.float64)) + b_in[routes]
+    np.testing.assert_allclose(logits, z, atol=1e-4)
+    # tokens really take different routes (real routing, not one shared path)
+    if t > 8 and depth > 2:
+        assert len({tuple(r) for r in routes}) > 1
+
+
+def test_fff_routes_right_only_when_z_positive():
+    """z == 0 exactly goes left (strict >)."""
+    h, depth = 4, 2
+    n = 2 ** (depth + 1) - 1
+    x = np.ones((1, h), f32)
+    w_in = np.zeros((n, h), f32)
+    b_in = np.zeros(n, f32)
+    b_in[2] = 1.0   # never reached: root has z == 0 -> left child 1
+    w_out = np.eye(n, h, dtype=f32)
+    _, routes, _ = fwd.fff(x, w_in, b_in, w_out, depth)
+    assert routes.tolist() == [[0, 1, 3]]
+
+
+@pytest.mark.parametrize("t,h,depth", [(3, 16, 3), (40, 32, 6)])
+def test_fff_forward_public_api(t, h, depth):
+    rng = np.random.default_rng(7)
+    x, w_in, b_in, w_out = random_tree(rng, t, h, depth)
+    ref, _ = fff_ref(x, w_in, b_in, w_out)
+    got = ufcpu.fff_forward(x, w_in, b_in, w_out)
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, ref, atol=2e-5, rtol=1e-4)
+    # float64 or non-contiguous inputs are accepted and give the same answer
+    got64 = ufcpu.fff_forward(x.astype(np.float64), np.asfortranarray(w_in), b_in, w_out)
+    np.testing.assert_allclose(got64, got, atol=1e-6)
+
+
+def test_fff_forward_zero_weights_give_zero():
+    """The control case for the rejections below: matching shapes are accepted."""
+    out = ufcpu.fff_forward(*(np.zeros(s, f32) for s in ((4, 8), (7, 8), (7,), (7, 8))))
+    assert out.shape == (4, 8) and not out.any()
+
+
+@pytest.mark.parametrize("shapes,match", [
+    (((4, 8), (6, 8), (6,), (6, 8)), "2\\^\\(D\\+1\\)-1"),
+    (((4, 8), (7, 9), (7,), (7, 8)), "shapes disagree"),
+    (((4, 8), (7, 8), (5,), (7, 8)), "shapes disagree"),
+    (((4, 8), (7, 8), (7,), (8, 7)), "shapes disagree"),
+    (((8,), (7, 8), (7,), (7, 8)), "expects x"),
+])
+def test_fff_forward_rejects_bad_shapes(shapes, match):
+    arrays = [np.zeros(s, f32) for s in shapes]
+    with pytest.raises(ufcpu.InputError, match=match):
+        ufcpu.fff_forward(*arrays)
+
+
+def test_dense_masked_equals_walk():
+    rng = np.random.default_rng(3)
+    depth, h = 5, 32
+    x, w_in, b_in, w_out = random_tree(rng, 50, h, depth)
+    cfg = type("C", (), {"hidden": h, "depth": depth})()
+    layer = type("L", (), {"w_in": w_in, "b_in": b_in, "w_out": w_out})()
+    walk = fwd.fff(x, w_in, b_in, w_out, depth)[0]
+    dense = fwd.feedforward_dense_masked(x[None], layer, cfg)[0]
+    np.testing.assert_allclose(dense, walk, atol=1e-5)
+
+
+@pytest.mark.parametrize("t,h", [(1, 4), (17, 64), (256, 768)])
+def test_layer_norm_matches_naive(t, h):
+    rng = np.random.default_rng(t)
+    x = (3 * rng.standard_normal((t, h)) + 1).astype(f32)
+    w = rng.standard_normal(h).astype(f32)
+    b = rng.standard_normal(h).astype(f32)
+    x64 = x.astype(np.float64)
+    ref = (x64 - x64.mean(-1, keepdims=True)) / np.sqrt(x64.var(-1, keepdims=True) + 1e-12) * w + b
+    got = fwd.layer_norm(x, w, b, 1e-12)
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, ref, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("b,a,s", [(1, 1, 1), (2, 3, 5), (3, 12, 128)])
+def test_masked_softmax_matches_naive(b, a, s):
+    rng = np.random.default_rng(s)
+    scores = rng.standard_normal((b, a, s, s)).astype(f32) * 4
+    mask = (rng.random((b, s)) > 0.3).astype(np.int64)
+    mask[:, 0] = 1
+    bias = fwd.key_bias(mask)
+    ref = scores.astype(np.float64) * 0.125 + bias[:, None, None, :]
+    ref = np.exp(ref - ref.max(-1, keepdims=True))
+    ref /= ref.sum(-1, keepdims=True)
+    got = scores.copy()
+    kernels.masked_softmax_(got, bias, f32(0.125))
+    np.testing.assert_allclose(got, ref, atol=1e-6)
+    # padded keys get (almost exactly) no weight, as with the reference's additive -10000
+    assert got[np.broadcast_to(mask[:, None, None, :] == 0, got.shape)].max(initial=0.0) < 1e-30
+
+
+def test_gelu_matches_erf():
+    z = np.linspace(-8, 8, 1001, dtype=f32)[None].copy()
+    ref = gelu_ref(z)
+    kernels.gelu_(z)
+    np.testing.assert_allclose(z, ref, atol=1e-6)
+
+
+def test_sinusoidal_positions_interleaved():
+    pe = fwd.sinusoidal_positions(5, 8)
+    p, i = 3, 2
+    div = math.exp(2 * i * (-math.log(10000.0) / 8))
+    assert pe.dtype == np.float32
+    assert abs(pe[p, 2 * i] - math.sin(p * div)) < 1e-6
+    assert abs(pe[p, 2 * i + 1] - math.cos(p * div)) < 1e-6
