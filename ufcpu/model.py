@@ -121,17 +121,22 @@ def encoder(ids: np.ndarray, mask: np.ndarray, w: Weights, cfg: Config, ffn=feed
 
 
 def encoder_trace(ids: np.ndarray, mask: np.ndarray, w: Weights, cfg: Config) -> dict[str, np.ndarray]:
-    """The same pass, keeping what the parity tests compare: each layer's output and FFF routes."""
+    """The same pass, keeping what the parity tests compare: the embedding, each layer's output
+    [L, B, S, H], and each token's FFF route and path logits [L, B, S, D+1]."""
+    b, s = ids.shape
+    rec: dict[str, list] = {"layer_out": [], "routes": [], "route_logits": []}
+
+    def recording_fff(h, layer, cfg):
+        out, routes, logits = fff(h.reshape(-1, cfg.hidden), layer.w_in, layer.b_in, layer.w_out, cfg.depth)
+        rec["routes"].append(routes.reshape(b, s, -1))
+        rec["route_logits"].append(logits.reshape(b, s, -1))
+        return out.reshape(h.shape)
+
     x = embed(ids, w, cfg)
-    trace = {"embedding_out": x, "layer_out": [], "routes": [], "route_logits": []}
+    trace = {"embedding_out": x}
     bias = key_bias(mask)
     for layer in w.layers:
-        x = x + attention(layer_norm(x, layer.ln1_w, layer.ln1_b, cfg.norm_eps), bias, layer, cfg)
-        y = layer_norm(x, layer.ln2_w, layer.ln2_b, cfg.norm_eps).reshape(-1, cfg.hidden)
-        out, routes, logits = fff(y, layer.w_in, layer.b_in, layer.w_out, cfg.depth)
-        x = x + out.reshape(x.shape)
-        trace["layer_out"].append(x)
-        trace["routes"].append(routes.reshape(*x.shape[:2], -1))
-        trace["route_logits"].append(logits.reshape(*x.shape[:2], -1))
+        x = block(x, bias, layer, cfg, recording_fff)
+        rec["layer_out"].append(x)
     trace["final_hidden"] = layer_norm(x, w.final_ln_w, w.final_ln_b, cfg.norm_eps)
-    return {k: np.stack(v) if isinstance(v, list) else v for k, v in trace.items()}
+    return {**trace, **{k: np.stack(v) for k, v in rec.items()}}
