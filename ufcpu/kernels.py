@@ -7,7 +7,11 @@ Policy, the same for all kernels (see `_JIT`):
   vectorise, but NaN/inf semantics stay on ("nnan"/"ninf" are off) so bad weights show up as NaN
   instead of silently routing somewhere.
 - `parallel=True` kernels split work over tokens with `prange`. They run between NumPy GEMMs,
-  never during one, so Numba's pool and the BLAS pool never spin against each other.
+  never during one. Numba's pool is the "workqueue" layer (unless NUMBA_THREADING_LAYER says
+  otherwise): its idle workers sleep, where OpenMP's spin and steal the cores from OpenBLAS
+  (measured here: the same kernels 3-6x slower under the "omp" layer while BLAS ran alongside).
+  Workqueue does not allow two launches at once, so every parallel launch goes through `run`,
+  which holds one process-wide lock (uncontended it costs well under a microsecond).
 - Kernels only do math on arrays the Python wrapper has already checked (shapes, dtypes,
   contiguity): an out-of-bounds index inside a kernel is a segfault, not an exception.
 
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 
 import numpy as np
 
@@ -36,6 +41,17 @@ _default_cache_dir()
 
 import numba  # noqa: E402  (after NUMBA_CACHE_DIR is settled)
 from numba import njit, prange  # noqa: E402
+
+if "NUMBA_THREADING_LAYER" not in os.environ:
+    numba.config.THREADING_LAYER = "workqueue"
+
+_LAUNCH_LOCK = threading.Lock()
+
+
+def run(kernel, *args):
+    """Launch a parallel kernel; one launch at a time per process (see the module docstring)."""
+    with _LAUNCH_LOCK:
+        return kernel(*args)
 
 # LLVM fast-math flags: everything but the two that drop NaN/inf semantics.
 FASTMATH = {"reassoc", "contract", "arcp", "nsz", "afn"}

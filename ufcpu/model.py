@@ -36,7 +36,7 @@ def sinusoidal_positions(s: int, h: int) -> np.ndarray:  # -> [S, H], read-only
 def layer_norm(x: np.ndarray, w: np.ndarray, b: np.ndarray, eps: float) -> np.ndarray:  # [..., H] -> [..., H]
     flat = np.ascontiguousarray(x).reshape(-1, x.shape[-1])
     out = np.empty_like(flat)
-    kernels.layer_norm(flat, w, b, f32(eps), out)
+    kernels.run(kernels.layer_norm, flat, w, b, f32(eps), out)
     return out.reshape(x.shape)
 
 
@@ -58,7 +58,7 @@ def attention(h: np.ndarray, bias: np.ndarray, layer: Layer, cfg: Config) -> np.
     qkv = h.reshape(b * s, hid) @ layer.qkv.T                      # [B*S, 3H]
     q, k, v = qkv.reshape(b, s, 3, a, d).transpose(2, 0, 3, 1, 4)  # 3 x [B, A, S, d]
     scores = q @ k.transpose(0, 1, 3, 2)                           # [B, A, S, S]
-    kernels.masked_softmax_(scores, bias, layer.norm_factor)       # softmax over keys, in place
+    kernels.run(kernels.masked_softmax_, scores, bias, layer.norm_factor)   # softmax over keys, in place
     ctx = (scores @ v).transpose(0, 2, 1, 3).reshape(b * s, hid)   # [B*S, H], feature = head*d + i
     return (ctx @ layer.attn_out.T).reshape(b, s, hid)
 
@@ -72,7 +72,7 @@ def fff(y: np.ndarray, w_in: np.ndarray, b_in: np.ndarray, w_out: np.ndarray,
     out = np.empty_like(y)
     routes = np.empty((t, depth + 1), np.int32)
     logits = np.empty((t, depth + 1), f32)
-    kernels.fff_walk(y, w_in, b_in, w_out, depth, out, routes, logits)
+    kernels.run(kernels.fff_walk, y, w_in, b_in, w_out, depth, out, routes, logits)
     return out, routes, logits
 
 
@@ -95,7 +95,7 @@ def feedforward_dense_masked(h: np.ndarray, layer: Layer, cfg: Config) -> np.nda
         on_path[t, node] = True
         node = 2 * node + 1 + (z[t, node] > 0)
     g = np.where(on_path, z, f32(0.0))
-    kernels.gelu_(g)                                                   # GELU(0) = 0 off the path
+    kernels.run(kernels.gelu_, g)                                      # GELU(0) = 0 off the path
     return (g @ layer.w_out).reshape(h.shape)
 
 
