@@ -857,3 +857,25 @@ def test_fuzz_mutated_valid_files(tmp_path_factory, layout, edits, cut, insert):
     path = tmp_path_factory.mktemp("mutant", numbered=True) / "pytorch_model.bin"
     path.write_bytes(mutate(VALID_FILES[layout], edits, cut, insert))
     load_or_checkpoint_error(path)
+
+
+# --- end to end: a fixture checkpoint saved as pytorch_model.bin ---------------------------------
+
+@pytest.mark.parametrize("layout", ["zip", "legacy"])
+def test_torch_pickle_checkpoint_matches_safetensors(tmp_path, layout, monkeypatch):
+    """The same weights as a torch pickle instead of model.safetensors: identical hidden states."""
+    import shutil
+
+    import ufcpu
+    from ufcpu.safetensors_io import open_tensors
+
+    monkeypatch.setenv("UFCPU_CACHE", str(tmp_path / "cache"))
+    fixture = Path(__file__).parent / "data" / "tiny-ufb"
+    src = tmp_path / "ckpt"
+    shutil.copytree(fixture, src, ignore=shutil.ignore_patterns("model.safetensors", "expected.npz"))
+    tensors = open_tensors(fixture / "model.safetensors")
+    state = OrderedDict((k, dense(str(i), np.array(v))) for i, (k, v) in enumerate(tensors.items()))
+    save(src, layout, state)
+    via_pickle = ufcpu.load(src).encode(["hello world", "fast feedforward"])
+    via_safetensors = ufcpu.load(fixture).encode(["hello world", "fast feedforward"])
+    np.testing.assert_array_equal(via_pickle, via_safetensors)
