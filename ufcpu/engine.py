@@ -121,14 +121,19 @@ class Model:
     # --- batching ----------------------------------------------------------------------------------
 
     def _batches(self, items: list, batch_size: int) -> Iterator[tuple[np.ndarray, dict]]:
-        """Tokenize, sort by length, and yield (indices, padded batch) with little padding."""
+        """Tokenize, sort by length, and yield (indices, padded batch) with little padding.
+
+        A batch holds at most batch_size * max_seq padded tokens, so short texts travel in
+        larger batches (bigger, more efficient GEMMs) while memory stays what batch_size
+        full-length texts would take."""
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
         ids, truncated = self.tokenizer.encode_ids(items)
         self._warn_truncated(truncated)
-        order = np.argsort([len(x) for x in ids], kind="stable")
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
+        lengths = np.array([len(x) for x in ids])
+        order = np.argsort(lengths, kind="stable")
+        for idx in token_budget_batches(lengths[order], batch_size * self.config.max_seq):
+            idx = order[idx]
             yield idx, pad([ids[i] for i in idx], self.tokenizer.pad_id)
 
     def _hidden_batches(self, items: list, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
@@ -239,6 +244,19 @@ class Model:
                 label, score = names[best], float(p[best])
             res.append({"label": label, "score": score, "probabilities": [float(x) for x in p]})
         return res
+
+
+def token_budget_batches(sorted_lengths: np.ndarray, budget: int) -> Iterator[slice]:
+    """Cut ascending lengths into consecutive slices whose padded size (count x longest) stays
+    within budget tokens; each slice holds at least one item."""
+    start = 0
+    n = len(sorted_lengths)
+    while start < n:
+        end = start + 1
+        while end < n and (end + 1 - start) * sorted_lengths[end] <= budget:
+            end += 1
+        yield slice(start, end)
+        start = end
 
 
 def _as_list(texts) -> list:
