@@ -50,8 +50,14 @@ class Config:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "Config":
+        """Inverse of to_json. Raises TypeError on unknown or missing keys; values are checked by
+        check_config, not here."""
+        if not isinstance(d, dict):
+            raise TypeError(f"expected an object, got {type(d).__name__}")
         d = dict(d)
         if d.get("id2label") is not None:
+            if not isinstance(d["id2label"], list):
+                raise TypeError(f"id2label must be a list, got {type(d['id2label']).__name__}")
             d["id2label"] = tuple(d["id2label"])
         return cls(**d)
 
@@ -85,7 +91,19 @@ _REQUIRED_VALUES = (
     ("attention.causal_attention", False),
     ("attention.skip_output_projection", False),
     ("attention.type", "self-attention"),
+    ("attention.sequence_op", "torch-softmax"),   # others (exp, relu, none) change the attention
+    ("ffn_layer_frequency", 1),                    # a feedforward in every layer
+    ("embedding.normalization", True),             # the embedding LayerNorm
 )
+_FEATURE_NAMES = {
+    "intermed_type": "dense feedforward layers (this engine runs fast feedforward trees only)",
+    "intermed_size": "several parallel trees per layer",
+    "attention.rotary_embedding": "rotary embeddings",
+    "attention.causal_attention": "causal attention",
+    "embedding.pos_embedding": "this kind of position embedding",
+}
+TASKS = ("mlm", "classification")
+MAX_DEPTH = 24
 
 
 def read_hub_config(path: str | Path) -> dict[str, Any]:
@@ -97,36 +115,50 @@ def read_hub_config(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: file not found") from None
     except (OSError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: cannot read: {e}") from None
+    cfg = parse_json(text, path)
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
+    return cfg
+
+
+def parse_json(text: str | bytes, path: str | Path) -> Any:
+    """json.loads with every way it can fail turned into a CheckpointError naming the file:
+    syntax errors, integers longer than Python allows, nesting deeper than the recursion limit."""
     try:
-        cfg = json.loads(text)
+        return json.loads(text)
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-    if not isinstance(cfg, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
-    return cfg
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{path}: not valid JSON (not UTF-8 text)") from None
+    except ValueError as e:   # e.g. "Exceeds the limit (4300 digits) for integer string conversion"
+        raise CheckpointError(f"{path}: not valid JSON ({str(e).splitlines()[0]})") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: not valid JSON (nested too deeply)") from None
 
 
 def config_from_hub(cfg: dict[str, Any], source: str = "config.json") -> Config:
     """Build a Config from a Hub config.json dict; refuse unsupported variants by name."""
     model_type = cfg.get("model_type")
     if model_type != "crammedBERT":
-        raise CheckpointError(f"{source}: model_type {model_type!r} is not supported (expected 'crammedBERT')")
+        raise CheckpointError(f"{source}: model_type {_r(model_type)} is not supported (expected 'crammedBERT')")
     archs = cfg.get("architectures") or [ARCH_MLM]
     if not isinstance(archs, list) or archs[0] not in (ARCH_MLM, ARCH_CLS):
-        raise CheckpointError(f"{source}: architecture {archs!r} is not supported "
+        raise CheckpointError(f"{source}: architecture {_r(archs)} is not supported "
                               f"(expected {ARCH_MLM} or {ARCH_CLS})")
     arch = cfg.get("arch")
     if not isinstance(arch, dict):
         raise CheckpointError(f"{source}: missing the 'arch' section")
     for key, want in _REQUIRED_VALUES:
         got = _get(arch, key, source, default=want)
-        if got != want:
-            raise CheckpointError(f"{source}: arch.{key} = {got!r} is not supported (this engine implements {want!r})")
+        if got != want or type(got) is not type(want):
+            what = f" ({_FEATURE_NAMES[key]})" if key in _FEATURE_NAMES else ""
+            raise CheckpointError(f"{source}: arch.{key} = {_r(got)} is not supported{what}; "
+                                  f"this engine implements {_r(want)}")
 
     def positive_int(key: str) -> int:
         v = _get(arch, key, source)
         if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-            raise CheckpointError(f"{source}: arch.{key} must be a positive integer, got {v!r}")
+            raise CheckpointError(f"{source}: arch.{key} must be a positive integer, got {_r(v)}")
         return v
 
     hidden = positive_int("hidden_size")
@@ -139,29 +171,45 @@ def config_from_hub(cfg: dict[str, Any], source: str = "config.json") -> Config:
     if hidden % 2:
         raise CheckpointError(f"{source}: hidden_size {hidden} must be even (sinusoidal positions)")
     depth = _get(arch, "intermed_depth", source)
-    if not isinstance(depth, int) or isinstance(depth, bool) or not 0 <= depth <= 24:
-        raise CheckpointError(f"{source}: arch.intermed_depth must be an integer in 0..24, got {depth!r}")
+    if not _is_int(depth) or not 0 <= depth <= MAX_DEPTH:
+        raise CheckpointError(f"{source}: arch.intermed_depth must be an integer in 0..{MAX_DEPTH}, got {_r(depth)}")
     eps = _get(arch, "norm_eps", source, default=1e-12)
-    if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
-        raise CheckpointError(f"{source}: arch.norm_eps must be a non-negative number, got {eps!r}")
+    if not _is_number(eps) or not math.isfinite(eps) or eps < 0:
+        raise CheckpointError(f"{source}: arch.norm_eps must be a non-negative number, got {_r(eps)}")
 
     task = "classification" if archs[0] == ARCH_CLS else "mlm"
-    head = arch.get("classification_head") or {}
-    pooler = head.get("pooler", "avg")
-    if task == "classification" and pooler not in POOLERS:
-        raise CheckpointError(f"{source}: classification_head.pooler {pooler!r} is not supported (one of {POOLERS})")
-    if task == "classification" and head.get("nonlin", "Tanh") != "Tanh":
-        raise CheckpointError(f"{source}: classification_head.nonlin {head.get('nonlin')!r} is not supported "
-                              "(this engine implements 'Tanh')")
+    pooler, include_ff_layer, head_dim = "avg", True, 1024
+    if task == "classification":   # the head options mean nothing to an MLM checkpoint: not read there
+        head = arch.get("classification_head")
+        if head is None:
+            head = {}
+        if not isinstance(head, dict):
+            raise CheckpointError(f"{source}: arch.classification_head must be an object, got {_r(head)}")
+        pooler = head.get("pooler", "avg")
+        if pooler not in POOLERS:
+            raise CheckpointError(f"{source}: classification_head.pooler {_r(pooler)} is not supported (one of {POOLERS})")
+        if head.get("nonlin", "Tanh") != "Tanh":
+            raise CheckpointError(f"{source}: classification_head.nonlin {_r(head.get('nonlin'))} is not supported "
+                                  "(this engine implements 'Tanh')")
+        include_ff_layer = head.get("include_ff_layer", True)
+        if not isinstance(include_ff_layer, bool):
+            raise CheckpointError(f"{source}: classification_head.include_ff_layer must be true or false, "
+                                  f"got {_r(include_ff_layer)}")
+        head_dim = head.get("head_dim", 1024)
+        if not _is_int(head_dim) or head_dim <= 0:
+            raise CheckpointError(f"{source}: classification_head.head_dim must be a positive integer, got {_r(head_dim)}")
     id2label = cfg.get("id2label")
-    if isinstance(id2label, dict):
+    if isinstance(id2label, dict) and id2label:
         try:
-            id2label = tuple(str(id2label[k]) for k in sorted(id2label, key=int))
+            keys = sorted(id2label, key=int)
         except (ValueError, TypeError):
             raise CheckpointError(f"{source}: id2label keys must be integers") from None
+        if [int(k) for k in keys] != list(range(len(keys))):
+            raise CheckpointError(f"{source}: id2label keys must be 0..{len(keys) - 1}, got {keys[:5]}")
+        id2label = tuple(str(id2label[k]) for k in keys)
     else:
         id2label = None
-    return Config(
+    out = Config(
         layers=positive_int("num_transformer_layers"),
         hidden=hidden,
         heads=heads,
@@ -171,8 +219,57 @@ def config_from_hub(cfg: dict[str, Any], source: str = "config.json") -> Config:
         norm_eps=float(eps),
         task=task,
         pooler=pooler,
-        include_ff_layer=bool(head.get("include_ff_layer", True)),
-        head_dim=int(head.get("head_dim", 1024)),
+        include_ff_layer=include_ff_layer,
+        head_dim=head_dim,
         num_labels=None,
         id2label=id2label,
     )
+    check_config(out, source, need_labels=False)
+    return out
+
+
+def _r(v: Any) -> str:
+    """repr for a one-line message, cut if long (a config value can be any JSON)."""
+    r = repr(v)
+    return r if len(r) <= 80 else r[:77] + "..."
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def check_config(cfg: Config, source: str, need_labels: bool = True) -> None:
+    """Refuse a Config whose values could make a kernel index out of bounds or mean nothing:
+    every size a positive integer, the tree depth in range, the head split exact. A converted
+    folder's engine.json is checked with this as well (it may have been edited by hand)."""
+    for name in ("layers", "hidden", "heads", "vocab", "max_seq", "head_dim"):
+        v = getattr(cfg, name)
+        if not _is_int(v) or v <= 0:
+            raise CheckpointError(f"{source}: {name} must be a positive integer, got {_r(v)}")
+    if not _is_int(cfg.depth) or not 0 <= cfg.depth <= MAX_DEPTH:
+        raise CheckpointError(f"{source}: depth must be an integer in 0..{MAX_DEPTH}, got {_r(cfg.depth)}")
+    if cfg.hidden % 2 or cfg.hidden % cfg.heads or (cfg.hidden // cfg.heads) % 2:
+        raise CheckpointError(f"{source}: hidden size {cfg.hidden} is not divisible into {cfg.heads} heads "
+                              "of even size")
+    if not _is_number(cfg.norm_eps) or not math.isfinite(cfg.norm_eps) or cfg.norm_eps < 0:
+        raise CheckpointError(f"{source}: norm_eps must be a non-negative number, got {_r(cfg.norm_eps)}")
+    if cfg.task not in TASKS:
+        raise CheckpointError(f"{source}: task {_r(cfg.task)} is not supported (one of {TASKS})")
+    if cfg.pooler not in POOLERS:
+        raise CheckpointError(f"{source}: pooler {_r(cfg.pooler)} is not supported (one of {POOLERS})")
+    if not isinstance(cfg.include_ff_layer, bool):
+        raise CheckpointError(f"{source}: include_ff_layer must be true or false, got {_r(cfg.include_ff_layer)}")
+    if cfg.task == "classification" and need_labels:
+        if not _is_int(cfg.num_labels) or cfg.num_labels <= 0:
+            raise CheckpointError(f"{source}: num_labels must be a positive integer, got {_r(cfg.num_labels)}")
+    elif cfg.num_labels is not None and (not _is_int(cfg.num_labels) or cfg.num_labels <= 0):
+        raise CheckpointError(f"{source}: num_labels must be a positive integer or null, got {_r(cfg.num_labels)}")
+    if cfg.id2label is not None:
+        if not all(isinstance(x, str) for x in cfg.id2label):
+            raise CheckpointError(f"{source}: id2label must hold strings")
+        if cfg.num_labels is not None and len(cfg.id2label) != cfg.num_labels:
+            raise CheckpointError(f"{source}: id2label has {len(cfg.id2label)} labels, the head {cfg.num_labels}")

