@@ -10,10 +10,10 @@ from __future__ import annotations
 import numpy as np
 
 from .engine import Model, load
-from .errors import CheckpointError, InputError, UfcpuError, UnsafePickleError
+from .errors import CacheError, CheckpointError, InputError, UfcpuError, UnsafePickleError
 
 __version__ = "0.1.0"
-__all__ = ["load", "Model", "fff_forward", "CheckpointError", "InputError", "UfcpuError",
+__all__ = ["load", "Model", "fff_forward", "CacheError", "CheckpointError", "InputError", "UfcpuError",
            "UnsafePickleError", "__version__"]
 
 

@@ -13,7 +13,7 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from . import heads, hub
+from . import heads, hub, kernels
 from . import model as fwd
 from . import threads as _threads
 from .config import Config
@@ -107,6 +107,11 @@ class Model:
     def hidden_states(self, input_ids, attention_mask=None) -> np.ndarray:
         """-> float32 [B, S, H]: the final LayerNorm's output."""
         ids, mask = self._check_ids(input_ids, attention_mask)
+        return self._forward(ids, mask)
+
+    def _forward(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        # Numba's thread count is per calling thread: apply this model's setting in every thread.
+        kernels.set_threads(self.threads)
         return fwd.encoder(ids, mask, self.weights, self.config, self.ffn)
 
     def mlm_logits(self, input_ids, attention_mask=None) -> np.ndarray:
@@ -138,7 +143,7 @@ class Model:
 
     def _hidden_batches(self, items: list, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         for idx, b in self._batches(items, batch_size):
-            yield idx, fwd.encoder(b.input_ids, b.attention_mask, self.weights, self.config, self.ffn), b.attention_mask
+            yield idx, self._forward(b.input_ids, b.attention_mask), b.attention_mask
 
     # --- sentence embeddings -----------------------------------------------------------------------
 

@@ -21,27 +21,52 @@ from __future__ import annotations
 
 import math
 import os
+import tempfile
 import threading
 
 import numpy as np
 
 
-def _default_cache_dir() -> None:
-    """Numba caches next to the package unless told otherwise; a read-only install would then
-    fail to cache. Point it at the user's cache folder when the package folder is not writable."""
-    if os.environ.get("NUMBA_CACHE_DIR"):
-        return
+def _writable(folder: str) -> bool:
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder):
+            return True
+    except OSError:
+        return False
+
+
+def _choose_cache_dir() -> bool:
+    """Numba caches next to the package unless told otherwise, and refuses to import a
+    `cache=True` function when it cannot write anywhere. Pick the first writable folder of:
+    NUMBA_CACHE_DIR, the package folder, ~/.cache/ufcpu/numba, a per-user temporary folder.
+    -> False when none is writable (kernels then compile in every process, uncached)."""
     here = os.path.dirname(os.path.abspath(__file__))
-    if not os.access(here, os.W_OK):
-        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        os.environ["NUMBA_CACHE_DIR"] = os.path.join(base, "ufcpu", "numba")
+    user = os.environ.get("NUMBA_CACHE_DIR")
+    if user and _writable(user):
+        return True
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    candidates = ([] if user else [None]) + [
+        os.path.join(base, "ufcpu", "numba"),
+        os.path.join(tempfile.gettempdir(), f"ufcpu-numba-{os.getuid() if hasattr(os, 'getuid') else 'user'}")]
+    for folder in candidates:
+        if folder is None:
+            if _writable(os.path.join(here, "__pycache__")):
+                return True
+            continue
+        if _writable(folder):
+            os.environ["NUMBA_CACHE_DIR"] = folder
+            return True
+    return False
 
 
-_default_cache_dir()
+_CACHE = _choose_cache_dir()
 
 import numba  # noqa: E402  (after NUMBA_CACHE_DIR is settled)
 from numba import njit, prange  # noqa: E402
 
+if os.environ.get("NUMBA_CACHE_DIR"):
+    numba.config.CACHE_DIR = os.environ["NUMBA_CACHE_DIR"]   # in case numba was imported first
 if "NUMBA_THREADING_LAYER" not in os.environ:
     numba.config.THREADING_LAYER = "workqueue"
 
@@ -55,7 +80,7 @@ def run(kernel, *args):
 
 # LLVM fast-math flags: everything but the two that drop NaN/inf semantics.
 FASTMATH = {"reassoc", "contract", "arcp", "nsz", "afn"}
-_JIT = dict(cache=True, fastmath=FASTMATH, nogil=True)
+_JIT = dict(cache=_CACHE, fastmath=FASTMATH, nogil=True)
 
 SQRT1_2 = np.float32(1.0 / math.sqrt(2.0))   # exact GELU: 0.5 z (1 + erf(z / sqrt 2))
 MASK_BIAS = np.float32(-10000.0)              # additive score of a padded key, as the reference does

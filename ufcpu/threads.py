@@ -12,9 +12,10 @@ import ctypes
 import functools
 import os
 
-import numpy as np  # noqa: F401  (loads the BLAS library this module looks for)
+import numpy as np  # (also loads the BLAS library this module looks for)
 
 from . import kernels
+from .errors import InputError
 
 # OpenBLAS builds name their setters differently: NumPy's wheels use the scipy_openblas prefix.
 _SETTERS = ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads",
@@ -54,10 +55,11 @@ def available() -> int:
 def set_threads(n: int | None) -> int:
     """Use n threads in both pools (None: every core Numba may use). -> the number set."""
     top = available()
-    n = top if n is None else int(n)
-    if n < 1:
-        raise ValueError(f"threads must be at least 1, got {n}")
-    n = min(n, top)
+    if n is None:
+        n = top
+    elif isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise InputError(f"threads must be at least 1 (a whole number), got {n!r}")
+    n = min(int(n), top)
     kernels.set_threads(n)
     lib = _openblas()
     if lib:
