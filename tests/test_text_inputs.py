@@ -315,3 +315,9 @@ def test_cli_million_lines_streamed_in_bounded_memory(tmp_path):
     big_rss, _ = encode_stream(MILLION)
     # 1M lines of text alone would be ~25 MB as bytes and ~80 MB as Python strings
     assert big_rss < small_rss + 40 * 1024, (small_rss, big_rss)
+
+
+@pytest.mark.parametrize("n", [2.5, True, "2"])
+def test_threads_must_be_a_whole_number(n):
+    with pytest.raises(InputError, match="threads must be at least 1"):
+        ufcpu.load(DATA / "tiny-ufb", threads=n)

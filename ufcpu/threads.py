@@ -58,7 +58,7 @@ def set_threads(n: int | None) -> int:
     if n is None:
         n = top
     elif isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-        raise InputError(f"threads must be at least 1 (a whole number), got {n!r}")
+        raise InputError(f"threads must be at least 1, got {n!r} (a whole number of threads)")
     n = min(int(n), top)
     kernels.set_threads(n)
     lib = _openblas()
