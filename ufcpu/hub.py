@@ -75,14 +75,20 @@ def ensure_converted(folder: Path, log=None) -> tuple[Path, bool]:
 
 
 def download(repo_id: str, revision: str | None = None) -> Path:
-    """Fetch the checkpoint's files from the Hub (or its local cache) -> snapshot folder."""
+    """Hub id -> snapshot folder. A snapshot already in huggingface_hub's cache is used without
+    asking the Hub (fast start-up, works offline); otherwise the files are downloaded, with
+    huggingface_hub's progress bar. Pass a revision (branch, tag or commit) to fetch another one."""
     try:
         from huggingface_hub import snapshot_download
     except ImportError:  # pragma: no cover - it is a hard dependency
         raise CheckpointError("huggingface_hub is not installed: pass a local folder instead") from None
+    patterns = HUB_FILES + ["pytorch_model.bin", "*.pth"]
     try:
-        path = snapshot_download(repo_id, revision=revision,
-                                 allow_patterns=HUB_FILES + ["pytorch_model.bin", "*.pth"])
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns, local_files_only=True))
+    except Exception:
+        pass   # not cached yet: download below
+    try:
+        path = snapshot_download(repo_id, revision=revision, allow_patterns=patterns)
     except Exception as e:
         kind = type(e).__name__
         msg = str(e).strip().splitlines()[0] if str(e).strip() else kind
