@@ -51,14 +51,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"ufcpu {_version()}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    e = sub.add_parser("encode", help="sentence embeddings, from arguments or stdin (one text per line)")
+    e = sub.add_parser("encode", help="sentence embeddings, from arguments, stdin (one text per line) or --input FILE")
     _model_args(e)
     e.add_argument("texts", nargs="*", metavar="TEXT", help="texts to encode (default: one per line on stdin)")
     e.add_argument("--pooling", choices=("mean", "first", "none"), default="mean")
     e.add_argument("--normalize", action="store_true", help="L2-normalize each embedding")
-    e.add_argument("--format", choices=("json", "jsonl", "npy"), default="json")
-    e.add_argument("-o", "--output", default=None, help="output file (required for npy; default stdout)")
+    e.add_argument("--format", choices=("json", "jsonl", "npy"), default=None,
+                   help="output format (default json; with --input the output's suffix sets it)")
+    e.add_argument("-o", "--output", default=None,
+                   help="output file (required for npy and with --input: .npy, .jsonl or .parquet; default stdout)")
     e.add_argument("--batch-size", type=positive_int, default=32)
+    e.add_argument("--input", "-i", default=None, metavar="FILE",
+                   help="encode a corpus file: .txt (one text per line), .jsonl or .parquet; streamed, bounded memory")
+    e.add_argument("--field", default=None, help="with --input: the .jsonl field or .parquet column holding the text (default: text)")
+    e.add_argument("--resume", action="store_true", help="with --input: continue an interrupted run, appending to -o")
+    e.add_argument("--window", type=positive_int, default=1024,
+                   help="texts read at a time and sorted by length into batches (default 1024)")
 
     f = sub.add_parser("fill-mask", help="predict the <mask> (or [MASK]) token(s) of a text")
     _model_args(f)
@@ -135,6 +143,24 @@ def _as_json(a: np.ndarray) -> list:
 
 
 def cmd_encode(args) -> int:
+    if args.input is not None:
+        from . import corpus
+        if args.texts:
+            raise UfcpuError("give texts either as arguments or with --input FILE, not both")
+        if not args.output:
+            raise UfcpuError("--input needs -o/--output FILE (.npy, .jsonl or .parquet)")
+        if args.format and args.format != corpus.output_format(args.output):
+            raise UfcpuError(f"--format {args.format} disagrees with -o {args.output}: with --input the output's suffix sets the format")
+        corpus.check(args.input, args.output, args.field, args.pooling)   # before loading the model
+        model = _load(args)
+        n = corpus.encode_corpus(model, args.input, args.output, field=args.field, pooling=args.pooling,
+                                 normalize=args.normalize, batch_size=args.batch_size, resume=args.resume,
+                                 progress=sys.stderr.isatty(), window=args.window)
+        log.info("wrote %d rows to %s", n, args.output)
+        return 0
+    if args.field is not None or args.resume:
+        raise UfcpuError("--field and --resume apply only with --input FILE")
+    args.format = args.format or "json"
     if args.format == "npy" and not args.output:
         raise UfcpuError("--format npy needs -o FILE")
     if args.format == "npy" and args.pooling == "none":
@@ -146,12 +172,12 @@ def cmd_encode(args) -> int:
         if args.format == "npy":
             from .npy_stream import NpyRowWriter
             with NpyRowWriter(args.output, model.config.hidden) as w:
-                for vec in _progress(model.encode_iter(texts, args.pooling, args.normalize, args.batch_size), "text"):
+                for vec in _progress(model.encode_iter(texts, args.pooling, args.normalize, args.batch_size, args.window), "text"):
                     w.write(vec)
             log.info("wrote %d x %d float32 to %s", w.rows, model.config.hidden, args.output)
             return 0
         t1, t2 = itertools.tee(texts)
-        vecs = _progress(model.encode_iter(t1, args.pooling, args.normalize, args.batch_size), "text")
+        vecs = _progress(model.encode_iter(t1, args.pooling, args.normalize, args.batch_size, args.window), "text")
         if args.format == "jsonl":
             for text, vec in zip(t2, vecs):
                 out.write(json.dumps({"text": text, "embedding": _as_json(vec)}) + "\n")
