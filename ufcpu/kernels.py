@@ -63,7 +63,9 @@ def _choose_cache_dir() -> bool:
 _CACHE = _choose_cache_dir()
 
 import numba  # noqa: E402  (after NUMBA_CACHE_DIR is settled)
-from numba import njit, prange  # noqa: E402
+from llvmlite import ir  # noqa: E402
+from numba import njit, prange, types  # noqa: E402
+from numba.extending import intrinsic  # noqa: E402
 
 if os.environ.get("NUMBA_CACHE_DIR"):
     numba.config.CACHE_DIR = os.environ["NUMBA_CACHE_DIR"]   # in case numba was imported first
@@ -128,6 +130,35 @@ def layer_norm(x, w, b, eps, out):  # [T, H], [H], [H], float, [T, H] -> out
 
 
 # ---------------------------------------------------------------------------------------------
+# exp for the softmax: a polynomial LLVM can vectorise (a call to libm's expf cannot be)
+# ---------------------------------------------------------------------------------------------
+
+@intrinsic
+def _f32_from_bits(typingctx, bits):
+    """Reinterpret an int32 as the float32 with the same bits (builds 2^n from its exponent)."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+    return types.float32(types.int32), codegen
+
+
+LOG2E = np.float32(1.4426950408889634)
+EXP_MIN = np.float32(-87.0)          # below this exp underflows float32's normal range: clamp
+# 2^f for f in [-0.5, 0.5] (Cephes exp2f): relative error ~1e-7 plus |x| * 6e-8 from rounding x*log2(e)
+P0, P1, P2, P3, P4, P5 = (np.float32(c) for c in (1.535336188319500e-4, 1.339887440266574e-3,
+                                                   9.618437357674640e-3, 5.550332471162809e-2,
+                                                   2.402264791363012e-1, 6.931472028550421e-1))
+
+
+@njit(inline="always", **_JIT)
+def exp_f32(x):
+    t = max(x, EXP_MIN) * LOG2E
+    n = math.floor(t + np.float32(0.5))     # x = (n + f) ln 2, |f| <= 1/2
+    f = t - n
+    p = ((((P0 * f + P1) * f + P2) * f + P3) * f + P4) * f + P5
+    return (p * f + np.float32(1.0)) * _f32_from_bits((np.int32(n) + np.int32(127)) << np.int32(23))
+
+
+# ---------------------------------------------------------------------------------------------
 # Attention softmax: scale, additive key mask, softmax over keys, in place
 # ---------------------------------------------------------------------------------------------
 
@@ -144,11 +175,10 @@ def masked_softmax_(scores, key_bias, scale):  # [B, A, S, S], [B, S] additive, 
             for k in range(k_count):
                 v = row[k] * scale + bias[k]
                 row[k] = v
-                if v > m:
-                    m = v
+                m = max(m, v)
             total = np.float32(0.0)
             for k in range(k_count):
-                e = np.exp(row[k] - m)
+                e = exp_f32(row[k] - m)
                 row[k] = e
                 total += e
             inv = np.float32(1.0) / total
