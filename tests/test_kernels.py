@@ -143,8 +143,8 @@ def test_masked_softmax_matches_naive(b, a, s):
     got = scores.copy()
     kernels.masked_softmax_(got, bias, f32(0.125))
     np.testing.assert_allclose(got, ref, atol=1e-6)
-    # padded keys get (almost exactly) no weight, as with the reference's additive -10000
-    assert got[np.broadcast_to(mask[:, None, None, :] == 0, got.shape)].max(initial=0.0) < 1e-30
+    # padded keys get exactly no weight, as exp(-10000) gives the reference
+    assert got[np.broadcast_to(mask[:, None, None, :] == 0, got.shape)].max(initial=0.0) == 0.0
 
 
 def test_gelu_matches_erf():
@@ -173,8 +173,9 @@ def test_exp_f32_matches_numpy():
             out[i] = kernels.exp_f32(x[i])
         return out
 
-    x = np.concatenate([np.linspace(-87, 10, 200001), [0.0, -0.5, 0.5, -1e-8]]).astype(f32)
+    x = np.concatenate([np.linspace(-80, 10, 200001), [0.0, -0.5, 0.5, -1e-8]]).astype(f32)
     ref = np.exp(x.astype(np.float64))
     rel = np.abs(apply(x) - ref) / ref
     assert (rel <= 2e-7 + np.abs(x) * 1e-7).all(), rel.max()
-    assert apply(np.array([-1e4, -np.inf], f32)).max() < 1e-37   # clamped, never NaN
+    # far below: exactly 0, never a denormal (they slow every product that follows) and never NaN
+    assert (apply(np.array([-80.5, -1e4, -np.inf], f32)) == 0).all()

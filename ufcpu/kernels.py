@@ -142,7 +142,9 @@ def _f32_from_bits(typingctx, bits):
 
 
 LOG2E = np.float32(1.4426950408889634)
-EXP_MIN = np.float32(-87.0)          # below this exp underflows float32's normal range: clamp
+# Below this the result is 0 exactly, as expf's would be for a padded key (score - 10000): a tiny
+# nonzero value would be divided into a denormal and make the following P @ V GEMM crawl.
+EXP_MIN = np.float32(-80.0)
 # 2^f for f in [-0.5, 0.5] (Cephes exp2f): relative error ~1e-7 plus |x| * 6e-8 from rounding x*log2(e)
 P0, P1, P2, P3, P4, P5 = (np.float32(c) for c in (1.535336188319500e-4, 1.339887440266574e-3,
                                                    9.618437357674640e-3, 5.550332471162809e-2,
@@ -151,7 +153,9 @@ P0, P1, P2, P3, P4, P5 = (np.float32(c) for c in (1.535336188319500e-4, 1.339887
 
 @njit(inline="always", **_JIT)
 def exp_f32(x):
-    t = max(x, EXP_MIN) * LOG2E
+    if x < EXP_MIN:
+        return np.float32(0.0)
+    t = x * LOG2E
     n = math.floor(t + np.float32(0.5))     # x = (n + f) ln 2, |f| <= 1/2
     f = t - n
     p = ((((P0 * f + P1) * f + P2) * f + P3) * f + P4) * f + P5
