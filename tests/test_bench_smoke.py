@@ -1,0 +1,80 @@
+"""The benchmark scripts keep working: each runs end to end on tiny sizes (--smoke: tiny dims, one
+repeat, results written to tmp_path). No timing is asserted: the bench is not a test.
+
+The optional extras (onnx, onnxruntime, torch, matplotlib) are used when installed; one run hides
+them (UFCPU_BENCH_WITHOUT) to check that their rows and plots are skipped cleanly, with a note.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+EXTRAS = ("onnx", "onnxruntime", "torch", "matplotlib")
+
+
+def _run(script: str, out: Path, hide: tuple[str, ...] = ()) -> dict:
+    env = dict(os.environ, UFCPU_BENCH_WITHOUT=",".join(hide))
+    env.pop("UFCPU_CACHE", None)            # --smoke keeps its cache under --out
+    proc = subprocess.run([sys.executable, str(BENCH / f"{script}.py"), "--smoke", "--out", str(out)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / f"{script}.md").read_text().startswith("# ")
+    return json.loads((out / f"{script}.json").read_text())
+
+
+def _installed(name: str) -> bool:
+    import importlib.util
+    return importlib.util.find_spec(name) is not None
+
+
+def _machine_recorded(res: dict) -> None:
+    m = res["machine"]
+    assert m["versions"]["numpy"] and "OPENBLAS_CORETYPE" in m["env"]
+    assert isinstance(m["cpu_flags"], list)
+
+
+def test_ff_layer_smoke(tmp_path):
+    res = _run("ff_layer", tmp_path)
+    _machine_recorded(res)
+    impls = {p["impl"] for p in res["points"]}
+    assert impls == {"fff", "dense-equal", "dense-crammed"}
+    assert {r["case"] for r in res["rows"]} == {"hot", "cycled"}
+    assert all(r["fff_ms"] > 0 and r["fff_floor_ms"] > 0 for r in res["rows"])
+    # real routing: many tokens spread over more than one node per level below the root
+    big = max(res["sizes"]["tokens"])
+    assert res["routing_distinct_nodes_per_level"]["hot"][str(big)][-1] > 1
+    assert (tmp_path / "ff_layer.png").is_file() == _installed("matplotlib")
+
+
+def test_encoder_smoke(tmp_path):
+    res = _run("encoder", tmp_path)
+    _machine_recorded(res)
+    ran = {r["row"] for r in res["results"]}
+    assert {"ufcpu-fff", "ufcpu-dense-masked", "ufcpu-dense-crammed"} <= ran
+    product = next(r for r in res["results"] if r["row"] == "ufcpu-fff")
+    assert product["breakdown"]["sentence"]["fff_walk"] > 0
+    assert not [r for r in res["results"] if "error" in r]
+    for r in res["results"]:
+        assert all(w["tokens_per_s"] > 0 for w in r["workloads"].values())
+        # same computation: every row agrees with its ufcpu reference on the same weights
+        assert r["check"]["max_abs_diff"] < 1e-3, r
+    if _installed("onnxruntime") and _installed("onnx"):
+        assert {"ort-dense-crammed", "ort-dense-equal"} <= ran
+    if _installed("torch"):
+        assert "torch-dense-crammed" in ran
+    assert (tmp_path / "encoder.png").is_file() == _installed("matplotlib")
+
+
+def test_encoder_without_optional_extras(tmp_path):
+    """Peer rows and the plot are skipped with a note (ff_layer's only extra is matplotlib: its
+    skip path is the same `common.pyplot()` check, not worth another run of the script)."""
+    res = _run("encoder", tmp_path, hide=EXTRAS)
+    assert not (tmp_path / "encoder.png").exists() and res["plot"] is None
+    assert "plot skipped" in (tmp_path / "encoder.md").read_text()
+    assert {r["row"] for r in res["results"]} == {"ufcpu-fff", "ufcpu-dense-masked", "ufcpu-dense-crammed"}
+    assert set(res["skipped"]) == {"ort-dense-crammed", "ort-dense-equal", "torch-dense-crammed"}
+    assert all("not installed" in why for why in res["skipped"].values())
