@@ -39,7 +39,7 @@ ENV_KEYS = ("OPENBLAS_CORETYPE", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL
             "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 
 PACKAGES = ("ufcpu", "numpy", "numba", "llvmlite", "tokenizers", "safetensors", "huggingface-hub",
-            "onnx", "onnxruntime", "torch", "matplotlib", "psutil")
+            "onnx", "onnxruntime", "torch", "matplotlib")
 
 # CPU flags that decide which kernels BLAS, Numba, ONNX Runtime and PyTorch can use.
 SIMD_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
