@@ -71,7 +71,7 @@ def test_encode_stdin_to_npy(tmp_path):
                     stdin="\n".join(texts).encode() + b"\n")
     arr = np.load(dst, mmap_mode="r")
     assert arr.dtype == np.float32 and arr.shape == (len(texts), 128)
-    np.testing.assert_allclose(arr, load_fixture("tiny-ufb").encode(texts), atol=1e-6)
+    np.testing.assert_allclose(arr, load_fixture("tiny-ufb").encode(texts), atol=1e-5)
     assert "truncated" in err     # one text is longer than 128 tokens
 
 

@@ -35,4 +35,5 @@ def test_full_size_converts_once_and_encodes(full_checkpoint, tmp_path, monkeypa
     assert again.path == model.path
     assert not any("converting" in r.message for r in caplog.records)
     assert hub.ensure_converted(full_checkpoint)[1] is False
-    np.testing.assert_allclose(again.encode("UltraFastBERT uses 12 of 4095 neurons."), vecs[0], atol=1e-6)
+    # alone vs. in a batch of two: GEMM shapes differ, so summation order does (same 1e-5 as parity)
+    np.testing.assert_allclose(again.encode("UltraFastBERT uses 12 of 4095 neurons."), vecs[0], atol=1e-5)
