@@ -179,3 +179,18 @@ def test_exp_f32_matches_numpy():
     assert (rel <= 2e-7 + np.abs(x) * 1e-7).all(), rel.max()
     # far below: exactly 0, never a denormal (they slow every product that follows) and never NaN
     assert (apply(np.array([-80.5, -1e4, -np.inf], f32)) == 0).all()
+
+
+def test_erf_f32_matches_math_erf():
+    from numba import njit
+
+    @njit(cache=False)
+    def apply(x):
+        out = np.empty_like(x)
+        for i in range(x.shape[0]):
+            out[i] = kernels.erf_f32(x[i])
+        return out
+
+    x = np.concatenate([np.linspace(-10, 10, 400001), [0.0, 1e-8, -1e-8, 4.0, -4.0, 1e30, -1e30]]).astype(f32)
+    ref = _erf(x.astype(np.float64))
+    assert np.abs(apply(x) - ref).max() < 5e-7   # a few float32 ulps
