@@ -162,17 +162,23 @@ def test_sinusoidal_positions_interleaved():
     assert abs(pe[p, 2 * i] - math.sin(p * div)) < 1e-6
     assert abs(pe[p, 2 * i + 1] - math.cos(p * div)) < 1e-6
 
-def test_exp_f32_matches_numpy():
-    """The softmax's vectorisable exp: relative error within 1e-7 + |x| * 1e-7 over its range."""
+
+def elementwise(scalar_kernel):
+    """A jitted loop applying a scalar (inline) kernel to every element of a 1-D array."""
     from numba import njit
 
     @njit(cache=False)
     def apply(x):
         out = np.empty_like(x)
         for i in range(x.shape[0]):
-            out[i] = kernels.exp_f32(x[i])
+            out[i] = scalar_kernel(x[i])
         return out
+    return apply
 
+
+def test_exp_f32_matches_numpy():
+    """The softmax's vectorisable exp: relative error within 1e-7 + |x| * 1e-7 over its range."""
+    apply = elementwise(kernels.exp_f32)
     x = np.concatenate([np.linspace(-80, 10, 200001), [0.0, -0.5, 0.5, -1e-8]]).astype(f32)
     ref = np.exp(x.astype(np.float64))
     rel = np.abs(apply(x) - ref) / ref
@@ -182,15 +188,7 @@ def test_exp_f32_matches_numpy():
 
 
 def test_erf_f32_matches_math_erf():
-    from numba import njit
-
-    @njit(cache=False)
-    def apply(x):
-        out = np.empty_like(x)
-        for i in range(x.shape[0]):
-            out[i] = kernels.erf_f32(x[i])
-        return out
-
+    apply = elementwise(kernels.erf_f32)
     x = np.concatenate([np.linspace(-10, 10, 400001), [0.0, 1e-8, -1e-8, 4.0, -4.0, 1e30, -1e30]]).astype(f32)
     ref = _erf(x.astype(np.float64))
     assert np.abs(apply(x) - ref).max() < 5e-7   # a few float32 ulps

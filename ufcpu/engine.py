@@ -7,7 +7,6 @@ the pure forward pass in model.py.
 from __future__ import annotations
 
 import logging
-import threading
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
@@ -17,7 +16,7 @@ from . import heads, hub, kernels
 from . import model as fwd
 from . import threads as _threads
 from .config import Config
-from .errors import InputError
+from .errors import CheckpointError, InputError
 from .tokenizer import Tokenizer, pad
 from .weights import check_finite, load_weights, read_engine_config
 
@@ -54,11 +53,9 @@ class Model:
             check_finite(self.weights, str(self.path))
         self.tokenizer = Tokenizer(self.path / "tokenizer.json", self.config.max_seq)
         if self.tokenizer.vocab_size > self.config.vocab:
-            from .errors import CheckpointError
             raise CheckpointError(f"{self.path}: tokenizer has {self.tokenizer.vocab_size} tokens, "
                                   f"the embedding only {self.config.vocab} rows")
         self.threads = _threads.set_threads(threads)
-        self._lock = threading.Lock()
 
     def __repr__(self) -> str:
         c = self.config
