@@ -12,7 +12,7 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from . import heads, hub, kernels
+from . import heads, hub, kernels, malloc
 from . import model as fwd
 from . import threads as _threads
 from .config import Config
@@ -56,6 +56,7 @@ class Model:
             raise CheckpointError(f"{self.path}: tokenizer has {self.tokenizer.vocab_size} tokens, "
                                   f"the embedding only {self.config.vocab} rows")
         self.threads = _threads.set_threads(threads)
+        malloc.keep_freed_memory()   # reuse activation pages across layers (ufcpu/malloc.py)
 
     def __repr__(self) -> str:
         c = self.config
