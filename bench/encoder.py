@@ -258,11 +258,24 @@ def latency(fn, sizes: Sizes) -> dict:
             "repeats": len(s)}
 
 
-# (module, attribute, label): blocks of ufcpu's forward pass timed by `breakdown`. They are looked up
-# through their module at call time (model.py calls its own globals and `kernels.<name>`), so
-# replacing the attributes inside this worker process times them without touching the code.
-TIMED_BLOCKS = (("model", "attention", "attention"), ("kernels", "masked_softmax_", "softmax"),
-                ("model", "layer_norm", "layer_norm"), ("kernels", "fff_walk", "fff_walk"))
+# Blocks of ufcpu's forward pass timed by `breakdown`: model.<function> -> label, and the kernels
+# launched through kernels.run -> label. Both are looked up at call time (model.py calls its own
+# globals and `kernels.run`), so replacing them inside this worker process times them without
+# touching the code.
+TIMED_FUNCTIONS = {"attention": "attention", "linear": "projections", "layer_norm": "layer_norm"}
+TIMED_KERNELS = {"masked_softmax_": "softmax", "fff_walk": "fff_walk"}
+
+
+def _timer(fn, label_of, acc):
+    def timed(*a, **k):
+        t = time.perf_counter()
+        try:
+            return fn(*a, **k)
+        finally:
+            label = label_of(*a)
+            if label:
+                acc[label] += time.perf_counter() - t
+    return timed
 
 
 @contextlib.contextmanager
@@ -270,31 +283,23 @@ def timed_blocks():
     """-> a dict label -> seconds accumulated while the context is open."""
     from ufcpu import kernels
     from ufcpu import model as fwd
-    modules = {"model": fwd, "kernels": kernels}
     acc: dict[str, float] = collections.defaultdict(float)
-    saved = [(modules[m], attr, getattr(modules[m], attr), name) for m, attr, name in TIMED_BLOCKS]
-
-    def timer(fn, name):
-        def timed(*a, **k):
-            t = time.perf_counter()
-            try:
-                return fn(*a, **k)
-            finally:
-                acc[name] += time.perf_counter() - t
-        return timed
-    for mod, attr, fn, name in saved:
-        setattr(mod, attr, timer(fn, name))
+    saved = [(fwd, name, getattr(fwd, name)) for name in TIMED_FUNCTIONS] + [(kernels, "run", kernels.run)]
+    for name, label in TIMED_FUNCTIONS.items():
+        setattr(fwd, name, _timer(getattr(fwd, name), lambda *a, label=label: label, acc))
+    kernels.run = _timer(kernels.run, lambda kernel, *a: TIMED_KERNELS.get(kernel.py_func.__name__), acc)
     try:
         yield acc
     finally:
-        for mod, attr, fn, _ in saved:
-            setattr(mod, attr, fn)
+        for mod, name, fn in saved:
+            setattr(mod, name, fn)
 
 
 def breakdown(run, cases: dict) -> dict:
-    """Where the product's time goes (one warm, instrumented run per case): attention GEMMs and
-    reshapes, the softmax kernel, LayerNorms, the FFF walk, and the rest (embedding, residual
-    adds, mask, Python). Shares of the wall-clock total; the timers add a few microseconds per call."""
+    """Where the product's time goes (one warm, instrumented run per case): the attention
+    projections (QKV and output), the rest of attention (score and context products, reshapes),
+    the softmax kernel, LayerNorms, the FFF walk, and the rest (embedding, residual adds, mask,
+    Python). Shares of the wall-clock total; the timers add a few microseconds per call."""
     out = {}
     for name, batches in cases.items():
         with timed_blocks() as acc:
@@ -302,8 +307,9 @@ def breakdown(run, cases: dict) -> dict:
             for ids, mask in batches:
                 run(ids, mask)
             total = time.perf_counter() - t
-        parts = {"attention_gemms": acc["attention"] - acc["softmax"], "softmax": acc["softmax"],
-                 "layer_norm": acc["layer_norm"], "fff_walk": acc["fff_walk"]}
+        parts = {"projections": acc["projections"],
+                 "attention_other": acc["attention"] - acc["projections"] - acc["softmax"],
+                 "softmax": acc["softmax"], "layer_norm": acc["layer_norm"], "fff_walk": acc["fff_walk"]}
         parts["other"] = total - sum(parts.values())
         out[name] = {"total_ms": 1e3 * total, **{k: 1e3 * v for k, v in parts.items()}}
     return out
@@ -454,11 +460,11 @@ def markdown(results: list[dict], rows: list[Row], skipped: dict, cfg, workloads
         out.append("")
     prof = [r for r in results if "breakdown" in r]
     if prof:
-        parts = ("attention_gemms", "softmax", "layer_norm", "fff_walk", "other")
+        parts = ("projections", "attention_other", "softmax", "layer_norm", "fff_walk", "other")
         out += ["## Where ufcpu-fff spends its time", "",
-                "One instrumented run per case; shares of wall-clock. attention_gemms = attention minus the "
-                "softmax kernel (QKV, scores, context and output products, reshapes); other = embedding, "
-                "residual adds, mask, Python.", ""]
+                "One instrumented run per case; shares of wall-clock. projections = the QKV and output "
+                "products; attention_other = the score and context products and reshapes; other = "
+                "embedding, residual adds, mask, Python.", ""]
         out.append(common.md_table(["threads", "case", "total ms"] + list(parts),
                                    [[r["threads"], case, fmt(b["total_ms"])]
                                     + [f"{100 * b[p] / b['total_ms']:.0f}%" for p in parts]

@@ -123,11 +123,12 @@ import json, threading, numba, ufcpu
 from ufcpu import kernels
 model = ufcpu.load({model!r}, threads=1)
 seen = []
-inner = kernels.fff_walk
-def spy(*args):
-    seen.append((threading.current_thread().name, numba.get_num_threads()))
-    return inner(*args)
-kernels.fff_walk = spy
+inner = kernels.run
+def spy(kernel, *args):
+    if kernel is kernels.fff_walk:
+        seen.append((threading.current_thread().name, numba.get_num_threads()))
+    return inner(kernel, *args)
+kernels.run = spy
 model.encode("main thread")
 t = threading.Thread(target=model.encode, args=("other thread",), name="worker"); t.start(); t.join()
 print(json.dumps({{"seen": seen, "max": numba.config.NUMBA_NUM_THREADS}}))

@@ -192,3 +192,80 @@ def test_erf_f32_matches_math_erf():
     x = np.concatenate([np.linspace(-10, 10, 400001), [0.0, 1e-8, -1e-8, 4.0, -4.0, 1e30, -1e30]]).astype(f32)
     ref = _erf(x.astype(np.float64))
     assert np.abs(apply(x) - ref).max() < 5e-7   # a few float32 ulps
+
+
+def matmul_nt_ref(x, w):
+    """Every output a float64 dot product of a token row and a weight row."""
+    out = np.zeros((x.shape[0], w.shape[0]), np.float64)
+    for m in range(x.shape[0]):
+        for n in range(w.shape[0]):
+            out[m, n] = float(np.dot(x[m].astype(np.float64), w[n].astype(np.float64)))
+    return out
+
+
+# M and N around the 4 x 4 blocks (tails of 1-3 tokens and of 1-3 rows), K odd and tiny, and the
+# shape of a short sentence's QKV product.
+@pytest.mark.parametrize("m,n,k", [(1, 1, 1), (2, 3, 5), (4, 4, 8), (5, 7, 3), (7, 9, 13), (8, 12, 64),
+                                   (13, 10, 1), (11, 2304, 768)])
+def test_matmul_nt_matches_naive(m, n, k):
+    rng = np.random.default_rng(m * 1000 + n)
+    x = rng.standard_normal((m, k), dtype=f32)
+    w = rng.standard_normal((n, k), dtype=f32)
+    w.flags.writeable = False                 # weights are read-only memory maps in the engine
+    out = np.full((m, n), np.nan, f32)
+    kernels.matmul_nt(x, w, out)
+    ref = matmul_nt_ref(x, w) if m * n * k < 1e6 else x.astype(np.float64) @ w.T.astype(np.float64)
+    np.testing.assert_allclose(out, ref, rtol=0, atol=2e-6 * math.sqrt(k) * 4)
+
+
+@pytest.mark.parametrize("m", [1, 2, 11, fwd.SMALL_PRODUCT_TOKENS, fwd.SMALL_PRODUCT_TOKENS + 1, 200])
+def test_linear_same_on_both_paths(m):
+    """model.linear picks the kernel or BLAS by token count; both give x @ w.T."""
+    rng = np.random.default_rng(m)
+    x = rng.standard_normal((m, 96), dtype=f32)
+    w = rng.standard_normal((40, 96), dtype=f32)
+    np.testing.assert_allclose(fwd.linear(x, w), x @ w.T, rtol=0, atol=1e-4)
+    np.testing.assert_allclose(fwd.linear(x[:, ::2], w[:, ::2].copy()), x[:, ::2] @ w[:, ::2].T, rtol=0, atol=1e-4)
+
+
+def twin_cases(rng):
+    """kernel -> arguments of a realistic size (outputs written by the kernel come last)."""
+    x, w_in, b_in, w_out = random_tree(rng, 37, 64, 5)
+    scores = rng.standard_normal((3, 4, 9, 9), dtype=f32)
+    return {
+        kernels.gelu_: (rng.standard_normal((5, 300), dtype=f32),),
+        kernels.layer_norm: (x, rng.standard_normal(64, dtype=f32), rng.standard_normal(64, dtype=f32), f32(1e-12),
+                             np.empty_like(x)),
+        kernels.masked_softmax_: (scores, fwd.key_bias(rng.integers(0, 2, (3, 9))), f32(0.125)),
+        kernels.matmul_nt: (x, rng.standard_normal((30, 64), dtype=f32), np.empty((37, 30), f32)),
+        kernels.fff_walk: (x, w_in, b_in, w_out, 5, np.empty_like(x), np.empty((37, 6), np.int32),
+                           np.empty((37, 6), f32)),
+    }
+
+
+@pytest.mark.parametrize("name", ["gelu_", "layer_norm", "masked_softmax_", "matmul_nt", "fff_walk"])
+def test_serial_twin_equals_parallel_build(name):
+    """Each row is computed by the same code in both builds: the results are bit-identical."""
+    kernel = getattr(kernels, name)
+    serial = kernels._TWINS[kernel][0]
+    args = twin_cases(np.random.default_rng(7))[kernel]
+    a = [v.copy() if isinstance(v, np.ndarray) else v for v in args]
+    b = [v.copy() if isinstance(v, np.ndarray) else v for v in args]
+    kernel(*a)
+    serial(*b)
+    for u, v in zip(a, b):
+        if isinstance(u, np.ndarray):
+            np.testing.assert_array_equal(u, v)
+
+
+def test_run_picks_the_build_by_size_and_threads(monkeypatch):
+    calls = []
+    par = lambda *a: calls.append("parallel")   # noqa: E731
+    ser = lambda *a: calls.append("serial")     # noqa: E731
+    monkeypatch.setitem(kernels._TWINS, par, (ser, 100))
+    monkeypatch.setattr(kernels.numba, "get_num_threads", lambda: 2)
+    kernels.run(par, np.zeros(99))
+    kernels.run(par, np.zeros(100))
+    monkeypatch.setattr(kernels.numba, "get_num_threads", lambda: 1)
+    kernels.run(par, np.zeros(1000))
+    assert calls == ["serial", "parallel", "serial"]

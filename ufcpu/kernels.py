@@ -74,12 +74,6 @@ if "NUMBA_THREADING_LAYER" not in os.environ:
 
 _LAUNCH_LOCK = threading.Lock()
 
-
-def run(kernel, *args):
-    """Launch a parallel kernel; one launch at a time per process (see the module docstring)."""
-    with _LAUNCH_LOCK:
-        return kernel(*args)
-
 # LLVM fast-math flags: everything but the two that drop NaN/inf semantics.
 FASTMATH = {"reassoc", "contract", "arcp", "nsz", "afn"}
 _JIT = dict(cache=_CACHE, fastmath=FASTMATH, nogil=True)
@@ -117,36 +111,58 @@ def gelu_scalar(z):
     return np.float32(0.5) * z * (np.float32(1.0) + erf_f32(z * SQRT1_2))
 
 
+@njit(inline="always", **_JIT)
+def _gelu_row(x, t):
+    row = x[t]
+    for j in range(row.shape[0]):
+        row[j] = gelu_scalar(row[j])
+
+
 @njit(parallel=True, **_JIT)
 def gelu_(x):  # [T, F] float32, in place
     for t in prange(x.shape[0]):
-        row = x[t]
-        for j in range(row.shape[0]):
-            row[j] = gelu_scalar(row[j])
+        _gelu_row(x, t)
+
+
+@njit(**_JIT)
+def gelu_serial(x):
+    for t in range(x.shape[0]):
+        _gelu_row(x, t)
 
 
 # ---------------------------------------------------------------------------------------------
 # LayerNorm
 # ---------------------------------------------------------------------------------------------
 
+@njit(inline="always", **_JIT)
+def _layer_norm_row(x, w, b, eps, out, t):
+    row = x[t]
+    h = row.shape[0]
+    mean = np.float32(0.0)
+    for j in range(h):
+        mean += row[j]
+    mean /= h
+    var = np.float32(0.0)
+    for j in range(h):
+        d = row[j] - mean
+        var += d * d
+    var /= h
+    inv = np.float32(1.0) / np.sqrt(var + eps)
+    o = out[t]
+    for j in range(h):
+        o[j] = (row[j] - mean) * inv * w[j] + b[j]
+
+
 @njit(parallel=True, **_JIT)
 def layer_norm(x, w, b, eps, out):  # [T, H], [H], [H], float, [T, H] -> out
-    t_count, h = x.shape
-    for t in prange(t_count):
-        row = x[t]
-        mean = np.float32(0.0)
-        for j in range(h):
-            mean += row[j]
-        mean /= h
-        var = np.float32(0.0)
-        for j in range(h):
-            d = row[j] - mean
-            var += d * d
-        var /= h
-        inv = np.float32(1.0) / np.sqrt(var + eps)
-        o = out[t]
-        for j in range(h):
-            o[j] = (row[j] - mean) * inv * w[j] + b[j]
+    for t in prange(x.shape[0]):
+        _layer_norm_row(x, w, b, eps, out, t)
+
+
+@njit(**_JIT)
+def layer_norm_serial(x, w, b, eps, out):
+    for t in range(x.shape[0]):
+        _layer_norm_row(x, w, b, eps, out, t)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,28 +202,113 @@ def exp_f32(x):
 # Attention softmax: scale, additive key mask, softmax over keys, in place
 # ---------------------------------------------------------------------------------------------
 
+@njit(inline="always", **_JIT)
+def _softmax_head(scores, key_bias, scale, ba):  # one (sequence, head): [S, S] in place
+    a_count, s_count, k_count = scores.shape[1], scores.shape[2], scores.shape[3]
+    bi = ba // a_count
+    ai = ba % a_count
+    bias = key_bias[bi]
+    for q in range(s_count):
+        row = scores[bi, ai, q]
+        m = np.float32(-np.inf)
+        for k in range(k_count):
+            v = row[k] * scale + bias[k]
+            row[k] = v
+            m = max(m, v)
+        total = np.float32(0.0)
+        for k in range(k_count):
+            e = exp_f32(row[k] - m)
+            row[k] = e
+            total += e
+        inv = np.float32(1.0) / total
+        for k in range(k_count):
+            row[k] *= inv
+
+
 @njit(parallel=True, **_JIT)
 def masked_softmax_(scores, key_bias, scale):  # [B, A, S, S], [B, S] additive, float32 -> in place
-    b_count, a_count, s_count, k_count = scores.shape
-    for ba in prange(b_count * a_count):
-        bi = ba // a_count
-        ai = ba % a_count
-        bias = key_bias[bi]
-        for q in range(s_count):
-            row = scores[bi, ai, q]
-            m = np.float32(-np.inf)
-            for k in range(k_count):
-                v = row[k] * scale + bias[k]
-                row[k] = v
-                m = max(m, v)
-            total = np.float32(0.0)
-            for k in range(k_count):
-                e = exp_f32(row[k] - m)
-                row[k] = e
-                total += e
-            inv = np.float32(1.0) / total
-            for k in range(k_count):
-                row[k] *= inv
+    for ba in prange(scores.shape[0] * scores.shape[1]):
+        _softmax_head(scores, key_bias, scale, ba)
+
+
+@njit(**_JIT)
+def masked_softmax_serial(scores, key_bias, scale):
+    for ba in range(scores.shape[0] * scores.shape[1]):
+        _softmax_head(scores, key_bias, scale, ba)
+
+
+# ---------------------------------------------------------------------------------------------
+# Projections of a few tokens: out = x @ w.T with w stored [out, in] (as the checkpoint's Linear)
+# ---------------------------------------------------------------------------------------------
+# OpenBLAS reaches 80% of peak on hundreds of tokens, but for a short sentence (M ~ 10) its
+# packing and blocking cost more than the product: 11 x 768 @ 768 x 2304 took 1.2 ms at 2 threads,
+# 0.7 ms with this kernel, whose inner loop keeps a 4 x 4 block of outputs in 16 registers
+# (16 FMAs per 8 loads) and reads each weight row once per 4 tokens (bench/README.md).
+
+@njit(inline="always", **_JIT)
+def _matmul_nt_block(x, w, out, nb):  # rows 4nb..4nb+3 of w, every token
+    m_count, k_count = x.shape
+    n_count = w.shape[0]
+    n = nb * 4
+    if n + 4 > n_count:       # the last rows when N % 4 != 0: one dot product each
+        for r in range(n, n_count):
+            wr = w[r]
+            for m in range(m_count):
+                xm = x[m]
+                acc = np.float32(0.0)
+                for k in range(k_count):
+                    acc += xm[k] * wr[k]
+                out[m, r] = acc
+        return
+    w0 = w[n]
+    w1 = w[n + 1]
+    w2 = w[n + 2]
+    w3 = w[n + 3]
+    m = 0
+    while m + 4 <= m_count:   # 4 tokens x 4 rows
+        x0 = x[m]
+        x1 = x[m + 1]
+        x2 = x[m + 2]
+        x3 = x[m + 3]
+        a00 = a01 = a02 = a03 = np.float32(0.0)
+        a10 = a11 = a12 = a13 = np.float32(0.0)
+        a20 = a21 = a22 = a23 = np.float32(0.0)
+        a30 = a31 = a32 = a33 = np.float32(0.0)
+        for k in range(k_count):
+            u0, u1, u2, u3 = w0[k], w1[k], w2[k], w3[k]
+            v = x0[k]
+            a00 += v * u0; a01 += v * u1; a02 += v * u2; a03 += v * u3  # noqa: E702
+            v = x1[k]
+            a10 += v * u0; a11 += v * u1; a12 += v * u2; a13 += v * u3  # noqa: E702
+            v = x2[k]
+            a20 += v * u0; a21 += v * u1; a22 += v * u2; a23 += v * u3  # noqa: E702
+            v = x3[k]
+            a30 += v * u0; a31 += v * u1; a32 += v * u2; a33 += v * u3  # noqa: E702
+        out[m, n], out[m, n + 1], out[m, n + 2], out[m, n + 3] = a00, a01, a02, a03
+        out[m + 1, n], out[m + 1, n + 1], out[m + 1, n + 2], out[m + 1, n + 3] = a10, a11, a12, a13
+        out[m + 2, n], out[m + 2, n + 1], out[m + 2, n + 2], out[m + 2, n + 3] = a20, a21, a22, a23
+        out[m + 3, n], out[m + 3, n + 1], out[m + 3, n + 2], out[m + 3, n + 3] = a30, a31, a32, a33
+        m += 4
+    while m < m_count:        # the last M % 4 tokens: 1 token x 4 rows
+        x0 = x[m]
+        a00 = a01 = a02 = a03 = np.float32(0.0)
+        for k in range(k_count):
+            v = x0[k]
+            a00 += v * w0[k]; a01 += v * w1[k]; a02 += v * w2[k]; a03 += v * w3[k]  # noqa: E702
+        out[m, n], out[m, n + 1], out[m, n + 2], out[m, n + 3] = a00, a01, a02, a03
+        m += 1
+
+
+@njit(parallel=True, **_JIT)
+def matmul_nt(x, w, out):  # x [M, K], w [N, K] -> out [M, N] = x @ w.T
+    for nb in prange((w.shape[0] + 3) // 4):
+        _matmul_nt_block(x, w, out, nb)
+
+
+@njit(**_JIT)
+def matmul_nt_serial(x, w, out):
+    for nb in range((w.shape[0] + 3) // 4):
+        _matmul_nt_block(x, w, out, nb)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,23 +347,75 @@ def fff_walk(x, w_in, b_in, w_out, depth, out, routes, logits):
         _fff_token(x[t], w_in, b_in, w_out, depth, out[t], routes[t], logits[t])
 
 
-def warmup() -> None:
-    """Compile (or load from cache) every kernel for the argument types the engine passes:
-    weights are read-only views into a memory map, activations are writable."""
+@njit(**_JIT)
+def fff_walk_serial(x, w_in, b_in, w_out, depth, out, routes, logits):
+    for t in range(x.shape[0]):
+        _fff_token(x[t], w_in, b_in, w_out, depth, out[t], routes[t], logits[t])
+
+
+# ---------------------------------------------------------------------------------------------
+# Launching: a kernel's serial build for small inputs, its parallel build above a size
+# ---------------------------------------------------------------------------------------------
+# A launch on Numba's workqueue pool costs 60-150 us on these 2-core virtual machines (its idle
+# workers sleep, and waking them is slow), where one core normalises a whole sentence in 6 us.
+# Worse, right after a GEMM OpenBLAS's idle workers spin (up to 2^28 cycles, its THREAD_TIMEOUT)
+# and hold the other core: a parallel kernel launched then runs little faster than its serial
+# build (FFF walk of 2048 tokens, 2 threads: 7.2 ms either way; 3.7 ms with the spinning turned
+# off by OPENBLAS_THREAD_TIMEOUT=4, which however did not speed up a whole 8 x 128 forward pass).
+# So every parallel kernel has a serial twin, used at one thread and below the size (elements of
+# the first argument) from which the pool paid off with a BLAS product before every launch, as in
+# the forward pass. Measured with 768-wide rows (bench/README.md, "Threads"):
+#   LayerNorm: serial faster up to 2048 rows (641 vs 817 us)
+#   FFF walk: serial faster up to 128 tokens (356 vs 605 us), equal from 256
+#   softmax: parallel faster from 8 x 12 heads x 128 x 128 scores (1.3 vs 2.2 ms)
+#   matmul_nt: parallel faster from 2 tokens: streaming the weights takes both cores
+
+_TWINS = {  # parallel kernel -> (serial twin, first-argument size from which the pool is used)
+    layer_norm: (layer_norm_serial, 4096 * 768),
+    masked_softmax_: (masked_softmax_serial, 1 << 20),
+    fff_walk: (fff_walk_serial, 256 * 768),
+    matmul_nt: (matmul_nt_serial, 2 * 768),
+    gelu_: (gelu_serial, 64 * 3072),
+}
+
+
+def run(kernel, *args):
+    """Run a kernel: its serial twin when that is faster, else the parallel build, one launch at
+    a time per process (see the module docstring)."""
+    serial, parallel_from = _TWINS[kernel]
+    if args[0].size < parallel_from or numba.get_num_threads() == 1:
+        return serial(*args)
+    with _LAUNCH_LOCK:
+        return kernel(*args)
+
+
+def _example_calls() -> dict:
+    """kernel -> tiny arguments of every type combination the engine passes: weights are
+    read-only views into a memory map, activations are writable."""
     f32 = np.float32
+    x = np.ones((2, 4), f32)
 
     def ro(a):
         a.flags.writeable = False
         return a
 
-    x = np.ones((2, 4), f32)
-    gelu_(x.copy())
-    layer_norm(x, ro(np.ones(4, f32)), ro(np.zeros(4, f32)), f32(1e-12), np.empty_like(x))
-    layer_norm(x, np.ones(4, f32), np.zeros(4, f32), f32(1e-12), np.empty_like(x))
-    masked_softmax_(np.ones((1, 1, 2, 2), f32), np.zeros((1, 2), f32), f32(1.0))
-    for make in (ro, lambda a: a):
-        fff_walk(x, make(np.ones((3, 4), f32)), make(np.zeros(3, f32)), make(np.ones((3, 4), f32)), 1,
-                 np.empty_like(x), np.empty((2, 2), np.int32), np.empty((2, 2), f32))
+    kinds = (ro, lambda a: a)
+    return {
+        gelu_: [(np.ones((2, 4), f32),)],
+        layer_norm: [(x, k(np.ones(4, f32)), k(np.zeros(4, f32)), f32(1e-12), np.empty_like(x)) for k in kinds],
+        masked_softmax_: [(np.ones((1, 1, 2, 2), f32), np.zeros((1, 2), f32), f32(1.0))],
+        matmul_nt: [(x, k(np.ones((3, 4), f32)), np.empty((2, 3), f32)) for k in kinds],
+        fff_walk: [(x, k(np.ones((3, 4), f32)), k(np.zeros(3, f32)), k(np.ones((3, 4), f32)), 1,
+                    np.empty_like(x), np.empty((2, 2), np.int32), np.empty((2, 2), f32)) for k in kinds],
+    }
+
+
+def warmup() -> None:
+    """Compile (or load from the cache) both builds of every kernel."""
+    for parallel, calls in _example_calls().items():
+        for build in (parallel, _TWINS[parallel][0]):
+            for args in calls:
+                build(*args)
 
 
 def set_threads(n: int) -> None:

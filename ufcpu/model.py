@@ -52,15 +52,29 @@ def key_bias(mask: np.ndarray) -> np.ndarray:  # [B, S] of 0/1 -> [B, S] additiv
     return (f32(1.0) - mask.astype(f32)) * kernels.MASK_BIAS
 
 
+# Up to this many tokens a projection runs in kernels.matmul_nt, beyond it in OpenBLAS, which
+# wins on large products; one token is a GEMV, where OpenBLAS wins too (bench/README.md).
+SMALL_PRODUCT_TOKENS = 64
+
+
+def linear(x: np.ndarray, w: np.ndarray) -> np.ndarray:  # [M, K], [N, K] (as torch's Linear) -> [M, N]
+    """x @ w.T"""
+    if not 2 <= x.shape[0] <= SMALL_PRODUCT_TOKENS:
+        return x @ w.T
+    out = np.empty((x.shape[0], w.shape[0]), f32)
+    kernels.run(kernels.matmul_nt, np.ascontiguousarray(x), w, out)
+    return out
+
+
 def attention(h: np.ndarray, bias: np.ndarray, layer: Layer, cfg: Config) -> np.ndarray:  # [B, S, H] -> [B, S, H]
     b, s, hid = h.shape
     a, d = cfg.heads, cfg.head_size
-    qkv = h.reshape(b * s, hid) @ layer.qkv.T                      # [B*S, 3H]
+    qkv = linear(h.reshape(b * s, hid), layer.qkv)                 # [B*S, 3H]
     q, k, v = qkv.reshape(b, s, 3, a, d).transpose(2, 0, 3, 1, 4)  # 3 x [B, A, S, d]
     scores = q @ k.transpose(0, 1, 3, 2)                           # [B, A, S, S]
     kernels.run(kernels.masked_softmax_, scores, bias, layer.norm_factor)   # softmax over keys, in place
     ctx = (scores @ v).transpose(0, 2, 1, 3).reshape(b * s, hid)   # [B*S, H], feature = head*d + i
-    return (ctx @ layer.attn_out.T).reshape(b, s, hid)
+    return linear(ctx, layer.attn_out).reshape(b, s, hid)
 
 
 # --- fast feedforward -----------------------------------------------------------------------------
