@@ -34,7 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
+import ufcpu  # noqa: F401  (before NumPy: ufcpu settles OpenBLAS's idle workers, as for any user)
+import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402

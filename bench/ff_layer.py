@@ -27,14 +27,14 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
+import ufcpu  # noqa: E402  (before NumPy: ufcpu settles OpenBLAS's idle workers, as for any user)
+import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from common import fmt, log  # noqa: E402
 from dense import DenseFF, dense_ff, equal_params, random_crammed  # noqa: E402
 
-import ufcpu  # noqa: E402
 from ufcpu import kernels, threads  # noqa: E402
 from ufcpu import model as fwd  # noqa: E402
 

@@ -7,10 +7,20 @@
 """
 from __future__ import annotations
 
-import numpy as np
+import os as _os
+import sys as _sys
 
-from .engine import Model, load
-from .errors import CacheError, CheckpointError, InputError, UfcpuError, UnsafePickleError
+# OpenBLAS's idle workers spin for up to 2^28 cycles (~0.1 s) after every product and hold the
+# cores that the Numba kernels launched next need; with a timeout of 2^4 cycles they sleep at once.
+# OpenBLAS reads this when NumPy first loads it, so it takes effect when ufcpu is imported before
+# NumPy (as the CLI does); a value set by the user is kept. See ufcpu/threads.py.
+BLAS_SPIN_SETTLED = "numpy" not in _sys.modules or "OPENBLAS_THREAD_TIMEOUT" in _os.environ
+_os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+
+import numpy as np  # noqa: E402
+
+from .engine import Model, load  # noqa: E402
+from .errors import CacheError, CheckpointError, InputError, UfcpuError, UnsafePickleError  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["load", "Model", "fff_forward", "CacheError", "CheckpointError", "InputError", "UfcpuError",

@@ -315,15 +315,17 @@ def matmul_nt_serial(x, w, out):
 # Fast feedforward: the tree walk
 # ---------------------------------------------------------------------------------------------
 
-@njit(**_JIT)
-def _fff_token(y, w_in, b_in, w_out, depth, out_row, route, logits):
-    """One token's walk: depth+1 nodes from the root, each adds GELU(z) * w_out[node].
+# Two sweeps over the tokens: first every token's route (D+1 dot products with rows of w_in), then
+# every token's output (D+1 rows of w_out). A token-at-a-time walk needs both matrices at once:
+# 25 MB per layer, most of this machine's 32 MB L3 once the activations stream through it; each
+# sweep needs half. Measured against the token-at-a-time walk, same inputs and results: 16384
+# tokens on one hot layer 46 vs 63-72 ms at 1 thread and 24 vs 36 ms at 2 threads; 2048 tokens
+# 7.2 vs 9.3 ms (bench/README.md).
 
-    Only the visited rows of w_in and w_out are read: 2 * (D+1) rows instead of 2 * (2^(D+1)-1).
-    """
+@njit(**_JIT)
+def _fff_route(y, w_in, b_in, depth, route, logits):
+    """One token's path: node ids and logits z, root first (heap order: children 2n+1, 2n+2)."""
     h = y.shape[0]
-    for j in range(h):
-        out_row[j] = np.float32(0.0)
     node = 0
     for level in range(depth + 1):
         wrow = w_in[node]
@@ -332,48 +334,76 @@ def _fff_token(y, w_in, b_in, w_out, depth, out_row, route, logits):
             z += wrow[j] * y[j]
         route[level] = node
         logits[level] = z
-        g = gelu_scalar(z)
-        orow = w_out[node]
+        node = 2 * node + 1 + (1 if z > np.float32(0.0) else 0)   # strict >: right only if z > 0
+
+
+@njit(**_JIT)
+def _fff_output(w_out, depth, route, logits, out_row):
+    """out = sum over the path of GELU(z) * w_out[node], four rows per pass over out_row (a
+    quarter of the loads and stores of out_row that one row per pass costs)."""
+    h = out_row.shape[0]
+    for j in range(h):
+        out_row[j] = np.float32(0.0)
+    level = 0
+    while level + 4 <= depth + 1:
+        g0 = gelu_scalar(logits[level])
+        g1 = gelu_scalar(logits[level + 1])
+        g2 = gelu_scalar(logits[level + 2])
+        g3 = gelu_scalar(logits[level + 3])
+        r0 = w_out[route[level]]
+        r1 = w_out[route[level + 1]]
+        r2 = w_out[route[level + 2]]
+        r3 = w_out[route[level + 3]]
         for j in range(h):
-            out_row[j] += g * orow[j]
-        # strict >: a token goes right only if z > 0 (heap order: children 2n+1, 2n+2)
-        node = 2 * node + 1 + (1 if z > np.float32(0.0) else 0)
+            out_row[j] += (g0 * r0[j] + g1 * r1[j]) + (g2 * r2[j] + g3 * r3[j])
+        level += 4
+    while level <= depth:
+        g = gelu_scalar(logits[level])
+        r = w_out[route[level]]
+        for j in range(h):
+            out_row[j] += g * r[j]
+        level += 1
 
 
 @njit(parallel=True, **_JIT)
 def fff_walk(x, w_in, b_in, w_out, depth, out, routes, logits):
-    """x [T, H], w_in [N, H], b_in [N], w_out [N, H] -> out [T, H], routes/logits [T, D+1]."""
+    """x [T, H], w_in [N, H], b_in [N], w_out [N, H] -> out [T, H], routes/logits [T, D+1].
+
+    Only the visited rows of w_in and w_out are read: 2 * (D+1) rows instead of 2 * (2^(D+1)-1).
+    """
     for t in prange(x.shape[0]):
-        _fff_token(x[t], w_in, b_in, w_out, depth, out[t], routes[t], logits[t])
+        _fff_route(x[t], w_in, b_in, depth, routes[t], logits[t])
+    for t in prange(x.shape[0]):
+        _fff_output(w_out, depth, routes[t], logits[t], out[t])
 
 
 @njit(**_JIT)
 def fff_walk_serial(x, w_in, b_in, w_out, depth, out, routes, logits):
     for t in range(x.shape[0]):
-        _fff_token(x[t], w_in, b_in, w_out, depth, out[t], routes[t], logits[t])
+        _fff_route(x[t], w_in, b_in, depth, routes[t], logits[t])
+    for t in range(x.shape[0]):
+        _fff_output(w_out, depth, routes[t], logits[t], out[t])
 
 
 # ---------------------------------------------------------------------------------------------
 # Launching: a kernel's serial build for small inputs, its parallel build above a size
 # ---------------------------------------------------------------------------------------------
-# A launch on Numba's workqueue pool costs 60-150 us on these 2-core virtual machines (its idle
-# workers sleep, and waking them is slow), where one core normalises a whole sentence in 6 us.
-# Worse, right after a GEMM OpenBLAS's idle workers spin (up to 2^28 cycles, its THREAD_TIMEOUT)
-# and hold the other core: a parallel kernel launched then runs little faster than its serial
-# build (FFF walk of 2048 tokens, 2 threads: 7.2 ms either way; 3.7 ms with the spinning turned
-# off by OPENBLAS_THREAD_TIMEOUT=4, which however did not speed up a whole 8 x 128 forward pass).
+# A launch on Numba's workqueue pool costs 100-300 us on these 2-core virtual machines (its idle
+# workers sleep, and waking them is slow), where one core normalises a whole sentence in 8 us.
 # So every parallel kernel has a serial twin, used at one thread and below the size (elements of
-# the first argument) from which the pool paid off with a BLAS product before every launch, as in
-# the forward pass. Measured with 768-wide rows (bench/README.md, "Threads"):
-#   LayerNorm: serial faster up to 2048 rows (641 vs 817 us)
-#   FFF walk: serial faster up to 128 tokens (356 vs 605 us), equal from 256
-#   softmax: parallel faster from 8 x 12 heads x 128 x 128 scores (1.3 vs 2.2 ms)
-#   matmul_nt: parallel faster from 2 tokens: streaming the weights takes both cores
+# the first argument) from which the pool paid off, measured with 768-wide rows, 2 threads and a
+# BLAS product before every launch as in the forward pass (bench/README.md, "Threads"):
+#   LayerNorm: serial faster at every size tried, up to 2048 rows (658 vs 1196 us)
+#   FFF walk: serial faster up to 256 tokens (1.1 vs 1.6 ms), parallel from 512 (1.7 vs 2.4 ms)
+#   softmax: serial faster up to 2 x 12 heads x 128 x 128 scores, parallel from 4 x 12 x 128 x 128
+#   matmul_nt: parallel faster from 2 tokens, in a whole forward pass: streaming the weights
+#     from memory takes both cores (one 11-token sentence, p50 of 4 processes each: 22.5 vs 25.8 ms)
+#   GELU (the dense baselines of bench/ only): parallel from 64 rows of 3072
 
 _TWINS = {  # parallel kernel -> (serial twin, first-argument size from which the pool is used)
-    layer_norm: (layer_norm_serial, 4096 * 768),
-    masked_softmax_: (masked_softmax_serial, 1 << 20),
-    fff_walk: (fff_walk_serial, 256 * 768),
+    layer_norm: (layer_norm_serial, 8192 * 768),
+    masked_softmax_: (masked_softmax_serial, 4 * 12 * 128 * 128),
+    fff_walk: (fff_walk_serial, 512 * 768),
     matmul_nt: (matmul_nt_serial, 2 * 768),
     gelu_: (gelu_serial, 64 * 3072),
 }

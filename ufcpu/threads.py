@@ -5,6 +5,11 @@ but both must be told the same limit, or `--threads 1` would still use every cor
 OpenBLAS is found among the loaded shared libraries (as threadpoolctl does, without depending
 on it); if it cannot be found (another BLAS), only Numba's pool is set and `blas_threads()`
 says None.
+
+OpenBLAS's idle workers spin for about 0.1 s after every product, on the cores a Numba kernel
+launched next needs: after a GEMM, a 2-thread FFF walk of 16384 tokens took 58 ms instead of 33.
+ufcpu/__init__.py sets OPENBLAS_THREAD_TIMEOUT=4 (sleep at once) before NumPy loads OpenBLAS;
+this works when ufcpu is imported first, and `blas_workers_sleep()` says whether it did.
 """
 from __future__ import annotations
 
@@ -65,6 +70,13 @@ def set_threads(n: int | None) -> int:
     if lib:
         lib[0](n)
     return n
+
+
+def blas_workers_sleep() -> bool:
+    """Whether OpenBLAS was loaded after ufcpu set OPENBLAS_THREAD_TIMEOUT (or the user set it):
+    then its idle workers sleep at once instead of spinning next to Numba's (ufcpu/__init__.py)."""
+    import ufcpu
+    return ufcpu.BLAS_SPIN_SETTLED
 
 
 def cpu_count() -> int:
