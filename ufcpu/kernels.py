@@ -322,19 +322,31 @@ def matmul_nt_serial(x, w, out):
 # tokens on one hot layer 46 vs 63-72 ms at 1 thread and 24 vs 36 ms at 2 threads; 2048 tokens
 # 7.2 vs 9.3 ms (bench/README.md).
 
+ROUTE_TILE = 16   # tokens whose routes advance one level at a time together
+
+
 @njit(**_JIT)
-def _fff_route(y, w_in, b_in, depth, route, logits):
-    """One token's path: node ids and logits z, root first (heap order: children 2n+1, 2n+2)."""
-    h = y.shape[0]
-    node = 0
+def _fff_route_tile(x, w_in, b_in, depth, routes, logits, tile):
+    """The paths of tokens [16 tile, 16 tile + 16): node ids and logits z, root first (heap order:
+    children 2n+1, 2n+2). Level by level across the tile, so the row loads of different tokens
+    are independent and overlap; one token at a time, each load waits for the previous level's
+    z (16 layers cycled, 128 tokens: 0.36 vs 0.42 ms for this sweep)."""
+    t0 = tile * ROUTE_TILE
+    t1 = min(t0 + ROUTE_TILE, x.shape[0])
+    h = x.shape[1]
+    for t in range(t0, t1):
+        routes[t, 0] = 0
     for level in range(depth + 1):
-        wrow = w_in[node]
-        z = b_in[node]
-        for j in range(h):
-            z += wrow[j] * y[j]
-        route[level] = node
-        logits[level] = z
-        node = 2 * node + 1 + (1 if z > np.float32(0.0) else 0)   # strict >: right only if z > 0
+        for t in range(t0, t1):
+            node = routes[t, level]
+            wrow = w_in[node]
+            y = x[t]
+            z = b_in[node]
+            for j in range(h):
+                z += wrow[j] * y[j]
+            logits[t, level] = z
+            if level < depth:   # strict >: right only if z > 0
+                routes[t, level + 1] = 2 * node + 1 + (1 if z > np.float32(0.0) else 0)
 
 
 @njit(**_JIT)
@@ -371,16 +383,16 @@ def fff_walk(x, w_in, b_in, w_out, depth, out, routes, logits):
 
     Only the visited rows of w_in and w_out are read: 2 * (D+1) rows instead of 2 * (2^(D+1)-1).
     """
-    for t in prange(x.shape[0]):
-        _fff_route(x[t], w_in, b_in, depth, routes[t], logits[t])
+    for tile in prange((x.shape[0] + ROUTE_TILE - 1) // ROUTE_TILE):
+        _fff_route_tile(x, w_in, b_in, depth, routes, logits, tile)
     for t in prange(x.shape[0]):
         _fff_output(w_out, depth, routes[t], logits[t], out[t])
 
 
 @njit(**_JIT)
 def fff_walk_serial(x, w_in, b_in, w_out, depth, out, routes, logits):
-    for t in range(x.shape[0]):
-        _fff_route(x[t], w_in, b_in, depth, routes[t], logits[t])
+    for tile in range((x.shape[0] + ROUTE_TILE - 1) // ROUTE_TILE):
+        _fff_route_tile(x, w_in, b_in, depth, routes, logits, tile)
     for t in range(x.shape[0]):
         _fff_output(w_out, depth, routes[t], logits[t], out[t])
 
