@@ -341,10 +341,12 @@ def measure_row(row: Row, threads: int, plan: dict, data, workloads: dict, sizes
     run, n_set, extras = RUNNERS[row.family](row, plan, threads)
     res = {"row": row.key, "threads": n_set, "setup_s": time.perf_counter() - t0,
            "rss_after_setup_mb": common.rss_mb(), "peak_is_run_only": common.reset_peak_rss(), "workloads": {}}
-    # warm-up: JIT compile, arena growth, first touch of weights; never timed
+    # warm-up, never timed: JIT compile, first touch of weights, and every workload once, so that
+    # each engine's memory (an arena, or malloc's heap) has grown to the largest batch's size
     run(*sentence)
-    for ids, mask in workloads[next(iter(workloads))]:
-        run(ids, mask)
+    for batches in workloads.values():
+        for ids, mask in batches:
+            run(ids, mask)
     for fn in extras.values():
         fn()
     for name, batches in workloads.items():
