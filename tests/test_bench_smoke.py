@@ -78,3 +78,11 @@ def test_encoder_without_optional_extras(tmp_path):
     assert {r["row"] for r in res["results"]} == {"ufcpu-fff", "ufcpu-dense-masked", "ufcpu-dense-crammed"}
     assert set(res["skipped"]) == {"ort-dense-crammed", "ort-dense-equal", "torch-dense-crammed"}
     assert all("not installed" in why for why in res["skipped"].values())
+
+
+def test_kernels_smoke(tmp_path):
+    res = _run("kernels", tmp_path)
+    _machine_recorded(res)
+    assert {r["kernel"] for r in res["launch"]} == {"layer_norm", "fff_walk", "masked_softmax_", "gelu_"}
+    assert all(r["parallel_us"] > 0 and r["serial_us"] > 0 for r in res["launch"])
+    assert {r["linear_uses"] for r in res["products"]} == {"matmul_nt"}   # 2 and 11 tokens

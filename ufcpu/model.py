@@ -124,33 +124,105 @@ def block(x: np.ndarray, bias: np.ndarray, layer: Layer, cfg: Config, ffn=feedfo
     return x + ffn(layer_norm(x, layer.ln2_w, layer.ln2_b, cfg.norm_eps), layer, cfg)
 
 
+# Packed batches. Every layer but attention works token by token, so a batch of right-padded
+# sequences runs on its real tokens only, concatenated [T, H], and attention runs on each group of
+# consecutive sequences of one length. A padded key's score gets -10000 in the reference, whose
+# exp is exactly 0 in float32: leaving padded keys out changes no result. Padding costs nothing
+# then: 48 texts of 8-81 tokens batched by 32 were 37% padding.
+
+def packed_lengths(mask: np.ndarray) -> np.ndarray | None:
+    """[B, S] 0/1 mask -> each row's length, if every row is ones then zeros (right padding, as the
+    tokenizer pads) and holds a token; else None (such a batch runs padded)."""
+    m = mask.astype(bool)
+    if m.size == 0 or not m[:, 0].all() or (m[:, 1:] & ~m[:, :-1]).any():
+        return None
+    return m.sum(axis=1)
+
+
+def length_groups(lengths: np.ndarray) -> list[tuple[int, int, int]]:
+    """-> (first token, sequences, length) of each run of consecutive equal lengths."""
+    groups, start, i = [], 0, 0
+    while i < len(lengths):
+        j = i
+        while j < len(lengths) and lengths[j] == lengths[i]:
+            j += 1
+        groups.append((start, j - i, int(lengths[i])))
+        start += (j - i) * int(lengths[i])
+        i = j
+    return groups
+
+
+def attention_packed(h: np.ndarray, groups, layer: Layer, cfg: Config) -> np.ndarray:  # [T, H] -> [T, H]
+    t, hid = h.shape
+    a, d = cfg.heads, cfg.head_size
+    qkv = linear(h, layer.qkv)                                            # [T, 3H]
+    ctx = np.empty_like(h)
+    for start, n, s in groups:
+        part = qkv[start:start + n * s].reshape(n, s, 3, a, d)
+        q, k, v = part.transpose(2, 0, 3, 1, 4)                           # 3 x [n, A, s, d]
+        scores = q @ k.transpose(0, 1, 3, 2)                              # [n, A, s, s]
+        kernels.run(kernels.masked_softmax_, scores, np.zeros((n, s), f32), layer.norm_factor)
+        ctx[start:start + n * s] = (scores @ v).transpose(0, 2, 1, 3).reshape(n * s, hid)
+    return linear(ctx, layer.attn_out)
+
+
+def block_packed(x: np.ndarray, groups, layer: Layer, cfg: Config, ffn=feedforward) -> np.ndarray:
+    """One pre-LN layer on packed tokens: [T, H] -> [T, H]."""
+    x = x + attention_packed(layer_norm(x, layer.ln1_w, layer.ln1_b, cfg.norm_eps), groups, layer, cfg)
+    return x + ffn(layer_norm(x, layer.ln2_w, layer.ln2_b, cfg.norm_eps)[None], layer, cfg)[0]
+
+
 def encoder(ids: np.ndarray, mask: np.ndarray, w: Weights, cfg: Config, ffn=feedforward) -> np.ndarray:
     """Final hidden states [B, S, H] from ids and mask [B, S]: embedding, the pre-LN layers, the
-    final LayerNorm. `ffn(h, layer, cfg)` computes each layer's feedforward (FFN holds the choices)."""
+    final LayerNorm. `ffn(h, layer, cfg)` computes each layer's feedforward (FFN holds the choices).
+    Right-padded batches run packed, and their padded positions hold zeros; other masks run padded."""
+    return _encode(ids, mask, w, cfg, ffn)[0]
+
+
+def _encode(ids, mask, w: Weights, cfg: Config, ffn, on_layer=None) -> tuple[np.ndarray, np.ndarray]:
+    """-> (final hidden states [B, S, H], the embedding [B, S, H]); on_layer(x [B, S, H]) sees each
+    layer's output."""
     x = embed(ids, w, cfg)
-    bias = key_bias(mask)
+    lengths = packed_lengths(mask)
+    if lengths is None:
+        emb, bias = x, key_bias(mask)
+        for layer in w.layers:
+            x = block(x, bias, layer, cfg, ffn)
+            if on_layer:
+                on_layer(x)
+        return layer_norm(x, w.final_ln_w, w.final_ln_b, cfg.norm_eps), emb
+    real = mask.astype(bool)
+    groups = length_groups(lengths)
+
+    def unpack(tokens):  # [T, H] -> [B, S, H], zeros at padded positions
+        full = np.zeros(ids.shape + (cfg.hidden,), f32)
+        full[real] = tokens
+        return full
+    emb, x = x, x[real]
     for layer in w.layers:
-        x = block(x, bias, layer, cfg, ffn)
-    return layer_norm(x, w.final_ln_w, w.final_ln_b, cfg.norm_eps)
+        x = block_packed(x, groups, layer, cfg, ffn)
+        if on_layer:
+            on_layer(unpack(x))
+    return unpack(layer_norm(x, w.final_ln_w, w.final_ln_b, cfg.norm_eps)), emb
 
 
 def encoder_trace(ids: np.ndarray, mask: np.ndarray, w: Weights, cfg: Config) -> dict[str, np.ndarray]:
     """The same pass, keeping what the parity tests compare: the embedding, each layer's output
-    [L, B, S, H], and each token's FFF route and path logits [L, B, S, D+1]."""
-    b, s = ids.shape
+    [L, B, S, H], and each token's FFF route and path logits [L, B, S, D+1] (real positions; padded
+    ones hold zeros when the batch runs packed)."""
+    real = mask.astype(bool)
+    packed = packed_lengths(mask) is not None
     rec: dict[str, list] = {"layer_out": [], "routes": [], "route_logits": []}
 
     def recording_fff(h, layer, cfg):
         out, routes, logits = fff(h.reshape(-1, cfg.hidden), layer.w_in, layer.b_in, layer.w_out, cfg.depth)
-        rec["routes"].append(routes.reshape(b, s, -1))
-        rec["route_logits"].append(logits.reshape(b, s, -1))
+        for key, v in (("routes", routes), ("route_logits", logits)):
+            if packed:
+                full = np.zeros(ids.shape + v.shape[1:], v.dtype)
+                full[real] = v
+                v = full
+            rec[key].append(v.reshape(ids.shape + (-1,)))
         return out.reshape(h.shape)
 
-    x = embed(ids, w, cfg)
-    trace = {"embedding_out": x}
-    bias = key_bias(mask)
-    for layer in w.layers:
-        x = block(x, bias, layer, cfg, recording_fff)
-        rec["layer_out"].append(x)
-    trace["final_hidden"] = layer_norm(x, w.final_ln_w, w.final_ln_b, cfg.norm_eps)
-    return {**trace, **{k: np.stack(v) for k, v in rec.items()}}
+    final, emb = _encode(ids, mask, w, cfg, recording_fff, on_layer=rec["layer_out"].append)
+    return {"embedding_out": emb, "final_hidden": final, **{k: np.stack(v) for k, v in rec.items()}}

@@ -1,0 +1,158 @@
+"""Kernel-level measurements behind two of ufcpu's choices, so that they can be checked on any machine:
+
+- `launch`: each parallel kernel against its serial twin (ufcpu/kernels.py, `_TWINS`), at growing
+  sizes, with a BLAS product before every call as in the forward pass (every kernel there follows a
+  GEMM). The size from which the parallel build wins is the threshold `kernels.run` uses.
+- `products`: x @ w.T for a few tokens (M = 1..256; w [N, 768] with N = 2304 for QKV and 768 for
+  the output projection): OpenBLAS against `kernels.matmul_nt`, both as `model.linear` calls them,
+  over 16 distinct weight matrices so that weights stream from memory as in a forward pass. The
+  token count up to which the kernel wins is `model.SMALL_PRODUCT_TOKENS`.
+
+Microseconds per call, medians of repeats, one process, the variants taking turns.
+
+    python bench/kernels.py [--threads 2] [--out DIR] [--smoke]
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import ufcpu  # noqa: E402  (before NumPy: ufcpu settles OpenBLAS's idle workers, as for any user)
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+from common import fmt, log  # noqa: E402
+
+from ufcpu import kernels, threads  # noqa: E402
+from ufcpu import model as fwd  # noqa: E402
+
+f32 = np.float32
+H, HEADS, DEPTH = 768, 12, 11
+
+
+def per_call_us(fn, before, repeats: int) -> float:
+    """Median wall-clock microseconds of fn(), with before() (untimed) ahead of every call."""
+    fn()
+    samples = []
+    for _ in range(repeats):
+        before()
+        t = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t)
+    return 1e6 * float(np.median(samples))
+
+
+def launch_cases(tokens: int, rng: np.random.Generator, tree) -> dict:
+    """kernel name -> (parallel build, serial build, arguments) for `tokens` rows of width H."""
+    w_in, b_in, w_out = tree
+    x = rng.standard_normal((tokens, H), dtype=f32)
+    seqs, s = max(tokens // 128, 1), min(tokens, 128)
+    return {
+        "layer_norm": (kernels.layer_norm, (x, np.ones(H, f32), np.zeros(H, f32), f32(1e-12), np.empty_like(x))),
+        "fff_walk": (kernels.fff_walk, (x, w_in, b_in, w_out, DEPTH, np.empty_like(x),
+                                        np.empty((tokens, DEPTH + 1), np.int32), np.empty((tokens, DEPTH + 1), f32))),
+        "masked_softmax_": (kernels.masked_softmax_, (rng.standard_normal((seqs, HEADS, s, s), dtype=f32),
+                                                      np.zeros((seqs, s), f32), f32(0.125))),
+        "gelu_": (kernels.gelu_, (rng.standard_normal((tokens, 4 * H), dtype=f32),)),
+    }
+
+
+def measure_launch(token_counts, repeats: int, rng) -> list[dict]:
+    n = 2 ** (DEPTH + 1) - 1
+    tree = (rng.standard_normal((n, H), dtype=f32) * f32(1 / math.sqrt(H)),
+            rng.standard_normal(n, dtype=f32) * f32(0.3),
+            rng.standard_normal((n, H), dtype=f32) * f32(1 / math.sqrt(n)))
+    w = rng.standard_normal((H, H), dtype=f32)
+    rows = []
+    for t in token_counts:
+        y = rng.standard_normal((t, H), dtype=f32)
+
+        def gemm():
+            return y @ w.T
+        for name, (parallel, args) in launch_cases(t, rng, tree).items():
+            serial, threshold = kernels._TWINS[parallel]
+            par = per_call_us(lambda: parallel(*args), gemm, repeats)
+            ser = per_call_us(lambda: serial(*args), gemm, repeats)
+            rows.append({"kernel": name, "tokens": t, "size": int(args[0].size), "parallel_us": par,
+                         "serial_us": ser, "run_uses": "parallel" if args[0].size >= threshold else "serial"})
+            log(f"  {name:16} {t:5} tokens: parallel {par:8.0f} us  serial {ser:8.0f} us")
+    return rows
+
+
+def measure_products(token_counts, repeats: int, rng) -> list[dict]:
+    rows = []
+    for n_out in (3 * H, H):
+        ws = [rng.standard_normal((n_out, H), dtype=f32) for _ in range(16)]
+        for m in token_counts:
+            x = rng.standard_normal((m, H), dtype=f32)
+            out = np.empty((m, n_out), f32)
+
+            def blas():
+                for w in ws:
+                    x @ w.T
+
+            def kernel():
+                for w in ws:
+                    kernels.run(kernels.matmul_nt, x, w, out)
+            b = per_call_us(blas, lambda: None, repeats) / len(ws)
+            k = per_call_us(kernel, lambda: None, repeats) / len(ws)
+            rows.append({"n": n_out, "tokens": m, "blas_us": b, "matmul_nt_us": k,
+                         "linear_uses": "matmul_nt" if 2 <= m <= fwd.SMALL_PRODUCT_TOKENS else "blas"})
+            log(f"  {m:4} x {H} @ {H} x {n_out}: OpenBLAS {b:8.0f} us  matmul_nt {k:8.0f} us")
+    return rows
+
+
+def markdown(launch: list[dict], products: list[dict], n_threads: int, info: dict) -> str:
+    out = ["# Kernels: launch thresholds and small products", "",
+           f"{n_threads} threads; {info.get('cpu_model') or 'CPU'}. Microseconds per call, medians. "
+           "'used' is what ufcpu picks at that size (kernels.run, model.linear).", "",
+           "## Parallel build or serial twin (a BLAS product before every call)", ""]
+    out.append(common.md_table(
+        ["kernel", "tokens", "parallel us", "serial us", "faster", "used"],
+        [[r["kernel"], r["tokens"], fmt(r["parallel_us"]), fmt(r["serial_us"]),
+          "parallel" if r["parallel_us"] < r["serial_us"] else "serial", r["run_uses"]] for r in launch]))
+    out += ["", "## x @ w.T for a few tokens: OpenBLAS or matmul_nt (16 distinct weight matrices)", ""]
+    out.append(common.md_table(
+        ["w", "tokens", "OpenBLAS us", "matmul_nt us", "faster", "used"],
+        [[f"{r['n']} x {H}", r["tokens"], fmt(r["blas_us"]), fmt(r["matmul_nt_us"]),
+          "matmul_nt" if r["matmul_nt_us"] < r["blas_us"] else "OpenBLAS", r["linear_uses"]] for r in products]))
+    return "\n".join(out) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--threads", type=int, default=2, help="threads for both pools (default 2)")
+    ap.add_argument("--out", type=Path, default=common.RESULTS, help="results folder (default bench/results)")
+    ap.add_argument("--smoke", action="store_true", help="two sizes, a few repeats: checks the script runs")
+    args = ap.parse_args(argv)
+    started = time.perf_counter()
+    n = threads.set_threads(args.threads)
+    kernels.warmup()
+    rng = np.random.default_rng(0)
+    launch_tokens = (11, 128) if args.smoke else (11, 64, 128, 256, 512, 1024, 2048)
+    product_tokens = (2, 11) if args.smoke else (1, 2, 4, 11, 16, 32, 64, 128, 256)
+    repeats = 3 if args.smoke else 40
+    log(f"parallel or serial, {n} threads")
+    launch = measure_launch(launch_tokens, repeats, rng)
+    log("small products")
+    products = measure_products(product_tokens, max(3, repeats // 4), rng)
+    info = common.machine_info()
+    info["numba"] = common.numba_threading()
+    info["blas_idle_workers_sleep"] = threads.blas_workers_sleep()
+    args.out.mkdir(parents=True, exist_ok=True)
+    common.write_json(args.out / "kernels.json", {"benchmark": "kernels", "smoke": args.smoke, "threads": n,
+                                                  "machine": info, "launch": launch, "products": products,
+                                                  "wall_s": time.perf_counter() - started})
+    md = markdown(launch, products, n, info)
+    common.write_text(args.out / "kernels.md", md)
+    print(md)
+    log(f"wrote {args.out / 'kernels.json'}, kernels.md in {time.perf_counter() - started:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
