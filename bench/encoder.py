@@ -263,7 +263,8 @@ def latency(fn, sizes: Sizes) -> dict:
 # launched through kernels.run -> label. Both are looked up at call time (model.py calls its own
 # globals and `kernels.run`), so replacing them inside this worker process times them without
 # touching the code.
-TIMED_FUNCTIONS = {"attention": "attention", "linear": "projections", "layer_norm": "layer_norm"}
+TIMED_FUNCTIONS = {"attention": "attention", "attention_packed": "attention", "linear": "projections",
+                   "layer_norm": "layer_norm"}
 TIMED_KERNELS = {"masked_softmax_": "softmax", "fff_walk": "fff_walk"}
 
 
