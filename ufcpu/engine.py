@@ -1,8 +1,8 @@
 """The library surface: `ufcpu.load(...)` returns a `Model`.
 
 A Model owns the config, the memory-mapped weights and the tokenizer. It checks inputs, batches
-texts by length (sorted, so a batch pads to its own longest text, not the corpus's), and calls
-the pure forward pass in model.py.
+texts by length (sorted, so that texts of one length travel together), and calls the pure
+forward pass in model.py, which runs a batch on its real tokens only.
 """
 from __future__ import annotations
 
@@ -103,7 +103,8 @@ class Model:
     # --- raw outputs -------------------------------------------------------------------------------
 
     def hidden_states(self, input_ids, attention_mask=None) -> np.ndarray:
-        """-> float32 [B, S, H]: the final LayerNorm's output."""
+        """-> float32 [B, S, H]: the final LayerNorm's output. A right-padded batch (each mask row
+        ones then zeros) runs packed, and its padded positions hold zeros."""
         ids, mask = self._check_ids(input_ids, attention_mask)
         return self._forward(ids, mask)
 
