@@ -12,10 +12,13 @@ Policy, the same for all kernels (see `_JIT`):
   (measured here: the same kernels 3-6x slower under the "omp" layer while BLAS ran alongside).
   Workqueue does not allow two launches at once, so every parallel launch goes through `run`,
   which holds one process-wide lock (uncontended it costs well under a microsecond).
+- Every parallel kernel has a serial twin: the same per-row function in a plain loop. `run`
+  picks it at one thread and for inputs too small to pay for a launch (see "Launching").
 - Kernels only do math on arrays the Python wrapper has already checked (shapes, dtypes,
   contiguity): an out-of-bounds index inside a kernel is a segfault, not an exception.
 
-Every kernel here is tested against a naive NumPy version in tests/test_kernels.py.
+Every kernel here is tested against a naive NumPy version in tests/test_kernels.py, and every
+serial twin against its parallel build.
 """
 from __future__ import annotations
 
