@@ -153,7 +153,7 @@ def length_groups(lengths: np.ndarray) -> list[tuple[int, int, int]]:
 
 
 def attention_packed(h: np.ndarray, groups, layer: Layer, cfg: Config) -> np.ndarray:  # [T, H] -> [T, H]
-    t, hid = h.shape
+    hid = h.shape[1]
     a, d = cfg.heads, cfg.head_size
     qkv = linear(h, layer.qkv)                                            # [T, 3H]
     ctx = np.empty_like(h)
@@ -182,28 +182,35 @@ def encoder(ids: np.ndarray, mask: np.ndarray, w: Weights, cfg: Config, ffn=feed
 def _encode(ids, mask, w: Weights, cfg: Config, ffn, on_layer=None) -> tuple[np.ndarray, np.ndarray]:
     """-> (final hidden states [B, S, H], the embedding [B, S, H]); on_layer(x [B, S, H]) sees each
     layer's output."""
-    x = embed(ids, w, cfg)
+    emb = embed(ids, w, cfg)
     lengths = packed_lengths(mask)
-    if lengths is None:
-        emb, bias = x, key_bias(mask)
-        for layer in w.layers:
-            x = block(x, bias, layer, cfg, ffn)
-            if on_layer:
-                on_layer(x)
-        return layer_norm(x, w.final_ln_w, w.final_ln_b, cfg.norm_eps), emb
+    layers = _layers_padded if lengths is None else _layers_packed
+    return layers(emb, mask, lengths, w, cfg, ffn, on_layer), emb
+
+
+def _layers_padded(x, mask, _, w: Weights, cfg: Config, ffn, on_layer) -> np.ndarray:  # [B, S, H] -> [B, S, H]
+    bias = key_bias(mask)
+    for layer in w.layers:
+        x = block(x, bias, layer, cfg, ffn)
+        if on_layer:
+            on_layer(x)
+    return layer_norm(x, w.final_ln_w, w.final_ln_b, cfg.norm_eps)
+
+
+def _layers_packed(x, mask, lengths, w: Weights, cfg: Config, ffn, on_layer) -> np.ndarray:  # [B, S, H] -> [B, S, H]
     real = mask.astype(bool)
     groups = length_groups(lengths)
 
     def unpack(tokens):  # [T, H] -> [B, S, H], zeros at padded positions
-        full = np.zeros(ids.shape + (cfg.hidden,), f32)
+        full = np.zeros(real.shape + (cfg.hidden,), f32)
         full[real] = tokens
         return full
-    emb, x = x, x[real]
+    x = x[real]                                                            # [T, H]
     for layer in w.layers:
         x = block_packed(x, groups, layer, cfg, ffn)
         if on_layer:
             on_layer(unpack(x))
-    return unpack(layer_norm(x, w.final_ln_w, w.final_ln_b, cfg.norm_eps)), emb
+    return unpack(layer_norm(x, w.final_ln_w, w.final_ln_b, cfg.norm_eps))
 
 
 def encoder_trace(ids: np.ndarray, mask: np.ndarray, w: Weights, cfg: Config) -> dict[str, np.ndarray]:
