@@ -203,9 +203,9 @@ def matmul_nt_ref(x, w):
     return out
 
 
-# M and N around the 4 x 4 blocks (tails of 1-3 tokens and of 1-3 rows), K odd and tiny, and the
+# M and N around the 4 x 4 blocks (a last 1, 2 or 3 tokens; 1-3 rows), K odd and tiny, and the
 # shape of a short sentence's QKV product.
-@pytest.mark.parametrize("m,n,k", [(1, 1, 1), (2, 3, 5), (4, 4, 8), (5, 7, 3), (7, 9, 13), (8, 12, 64),
+@pytest.mark.parametrize("m,n,k", [(1, 1, 1), (2, 3, 5), (3, 4, 2), (4, 4, 8), (5, 7, 3), (6, 5, 17), (7, 9, 13), (8, 12, 64),
                                    (13, 10, 1), (11, 2304, 768)])
 def test_matmul_nt_matches_naive(m, n, k):
     rng = np.random.default_rng(m * 1000 + n)
