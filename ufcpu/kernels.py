@@ -433,14 +433,15 @@ def fff_walk_serial(x, w_in, b_in, w_out, depth, out, routes, logits):
 # BLAS product before every launch as in the forward pass (bench/README.md, "Threads"):
 #   LayerNorm: serial faster at every size tried, up to 2048 rows (658 vs 1196 us)
 #   FFF walk: serial faster up to 256 tokens (1.1 vs 1.6 ms), parallel from 512 (1.7 vs 2.4 ms)
-#   softmax: serial faster up to 2 x 12 heads x 128 x 128 scores, parallel from 4 x 12 x 128 x 128
+#   softmax: serial faster up to 1 x 12 heads x 128 x 128 scores, parallel from 2 x 12 x 128 x 128
+#     in two runs of three (0.39 vs 0.55 ms), serial in the third
 #   matmul_nt: parallel faster from 2 tokens, in a whole forward pass: streaming the weights
 #     from memory takes both cores (one 11-token sentence, p50 of 4 processes each: 22.5 vs 25.8 ms)
 #   GELU (the dense baselines of bench/ only): parallel from 64 rows of 3072
 
 _TWINS = {  # parallel kernel -> (serial twin, first-argument size from which the pool is used)
     layer_norm: (layer_norm_serial, 8192 * 768),
-    masked_softmax_: (masked_softmax_serial, 4 * 12 * 128 * 128),
+    masked_softmax_: (masked_softmax_serial, 2 * 12 * 128 * 128),
     fff_walk: (fff_walk_serial, 512 * 768),
     matmul_nt: (matmul_nt_serial, 2 * 768),
     gelu_: (gelu_serial, 64 * 3072),
