@@ -247,8 +247,9 @@ def masked_softmax_serial(scores, key_bias, scale):
 # packing and blocking cost more than the product: 11 x 768 @ 768 x 2304 took 1.2 ms at 2 threads,
 # 0.7 ms with this kernel, whose inner loop keeps a 4 x 4 block of outputs in 16 registers
 # (16 FMAs per 8 loads) and reads each weight row once per 4 tokens (bench/README.md). The last
-# 2-3 tokens share one 3 x 4 block: one token at a time there is load-bound (4 FMAs per 5 loads),
-# and 11 tokens took 0.88 instead of 1.0 ms on one core.
+# 2-3 tokens go through the same 4 x 4 block, the missing rows repeating the last token: one token
+# at a time there is load-bound (4 FMAs per 5 loads), and 11 tokens took 0.90 instead of 1.0 ms
+# on one core.
 
 @njit(inline="always", **_JIT)
 def _matmul_nt_block(x, w, out, nb):  # rows 4nb..4nb+3 of w, every token
@@ -269,12 +270,13 @@ def _matmul_nt_block(x, w, out, nb):  # rows 4nb..4nb+3 of w, every token
     w1 = w[n + 1]
     w2 = w[n + 2]
     w3 = w[n + 3]
+    last = m_count - 1
     m = 0
-    while m + 4 <= m_count:   # 4 tokens x 4 rows
+    while m < last:           # 2 or more tokens left: 4 tokens x 4 rows, rows past the end repeat the last
         x0 = x[m]
         x1 = x[m + 1]
-        x2 = x[m + 2]
-        x3 = x[m + 3]
+        x2 = x[min(m + 2, last)]
+        x3 = x[min(m + 3, last)]
         a00 = a01 = a02 = a03 = np.float32(0.0)
         a10 = a11 = a12 = a13 = np.float32(0.0)
         a20 = a21 = a22 = a23 = np.float32(0.0)
@@ -291,38 +293,18 @@ def _matmul_nt_block(x, w, out, nb):  # rows 4nb..4nb+3 of w, every token
             a30 += v * u0; a31 += v * u1; a32 += v * u2; a33 += v * u3  # noqa: E702
         out[m, n], out[m, n + 1], out[m, n + 2], out[m, n + 3] = a00, a01, a02, a03
         out[m + 1, n], out[m + 1, n + 1], out[m + 1, n + 2], out[m + 1, n + 3] = a10, a11, a12, a13
-        out[m + 2, n], out[m + 2, n + 1], out[m + 2, n + 2], out[m + 2, n + 3] = a20, a21, a22, a23
-        out[m + 3, n], out[m + 3, n + 1], out[m + 3, n + 2], out[m + 3, n + 3] = a30, a31, a32, a33
-        m += 4
-    left = m_count - m
-    if left >= 2:             # 2 or 3 tokens left: 3 tokens x 4 rows, the third clamped to the last
-        x0 = x[m]
-        x1 = x[m + 1]
-        x2 = x[m + left - 1]
-        a00 = a01 = a02 = a03 = np.float32(0.0)
-        a10 = a11 = a12 = a13 = np.float32(0.0)
-        a20 = a21 = a22 = a23 = np.float32(0.0)
-        for k in range(k_count):
-            u0, u1, u2, u3 = w0[k], w1[k], w2[k], w3[k]
-            v = x0[k]
-            a00 += v * u0; a01 += v * u1; a02 += v * u2; a03 += v * u3  # noqa: E702
-            v = x1[k]
-            a10 += v * u0; a11 += v * u1; a12 += v * u2; a13 += v * u3  # noqa: E702
-            v = x2[k]
-            a20 += v * u0; a21 += v * u1; a22 += v * u2; a23 += v * u3  # noqa: E702
-        out[m, n], out[m, n + 1], out[m, n + 2], out[m, n + 3] = a00, a01, a02, a03
-        out[m + 1, n], out[m + 1, n + 1], out[m + 1, n + 2], out[m + 1, n + 3] = a10, a11, a12, a13
-        if left == 3:
+        if m + 2 <= last:
             out[m + 2, n], out[m + 2, n + 1], out[m + 2, n + 2], out[m + 2, n + 3] = a20, a21, a22, a23
-        m += left
-    while m < m_count:        # one token left: 1 token x 4 rows
+        if m + 3 <= last:
+            out[m + 3, n], out[m + 3, n + 1], out[m + 3, n + 2], out[m + 3, n + 3] = a30, a31, a32, a33
+        m += 4
+    if m == last:             # one token left: 1 token x 4 rows
         x0 = x[m]
         a00 = a01 = a02 = a03 = np.float32(0.0)
         for k in range(k_count):
             v = x0[k]
             a00 += v * w0[k]; a01 += v * w1[k]; a02 += v * w2[k]; a03 += v * w3[k]  # noqa: E702
         out[m, n], out[m, n + 1], out[m, n + 2], out[m, n + 3] = a00, a01, a02, a03
-        m += 1
 
 
 @njit(parallel=True, **_JIT)

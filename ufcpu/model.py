@@ -66,14 +66,20 @@ def linear(x: np.ndarray, w: np.ndarray) -> np.ndarray:  # [M, K], [N, K] (as to
     return out
 
 
+def self_attention(qkv: np.ndarray, bias: np.ndarray, layer: Layer, cfg: Config) -> np.ndarray:
+    """[n, S, 3H] Q | K | V of n sequences, [n, S] additive key bias -> context [n*S, H]."""
+    n, s, _ = qkv.shape
+    a, d = cfg.heads, cfg.head_size
+    q, k, v = qkv.reshape(n, s, 3, a, d).transpose(2, 0, 3, 1, 4)  # 3 x [n, A, S, d]
+    scores = q @ k.transpose(0, 1, 3, 2)                           # [n, A, S, S]
+    kernels.run(kernels.masked_softmax_, scores, bias, layer.norm_factor)   # softmax over keys, in place
+    return (scores @ v).transpose(0, 2, 1, 3).reshape(n * s, a * d)  # feature = head*d + i
+
+
 def attention(h: np.ndarray, bias: np.ndarray, layer: Layer, cfg: Config) -> np.ndarray:  # [B, S, H] -> [B, S, H]
     b, s, hid = h.shape
-    a, d = cfg.heads, cfg.head_size
     qkv = linear(h.reshape(b * s, hid), layer.qkv)                 # [B*S, 3H]
-    q, k, v = qkv.reshape(b, s, 3, a, d).transpose(2, 0, 3, 1, 4)  # 3 x [B, A, S, d]
-    scores = q @ k.transpose(0, 1, 3, 2)                           # [B, A, S, S]
-    kernels.run(kernels.masked_softmax_, scores, bias, layer.norm_factor)   # softmax over keys, in place
-    ctx = (scores @ v).transpose(0, 2, 1, 3).reshape(b * s, hid)   # [B*S, H], feature = head*d + i
+    ctx = self_attention(qkv.reshape(b, s, -1), bias, layer, cfg)  # [B*S, H]
     return linear(ctx, layer.attn_out).reshape(b, s, hid)
 
 
@@ -118,9 +124,10 @@ FFN = {"fff": feedforward, "dense-masked": feedforward_dense_masked}
 
 # --- the encoder ----------------------------------------------------------------------------------
 
-def block(x: np.ndarray, bias: np.ndarray, layer: Layer, cfg: Config, ffn=feedforward) -> np.ndarray:
-    """One pre-LN layer: [B, S, H] -> [B, S, H]."""
-    x = x + attention(layer_norm(x, layer.ln1_w, layer.ln1_b, cfg.norm_eps), bias, layer, cfg)
+def block(x: np.ndarray, attend, layer: Layer, cfg: Config, ffn=feedforward) -> np.ndarray:
+    """One pre-LN layer: x [..., H] -> [..., H]; attend(h, layer, cfg) is the attention of the
+    LayerNorm's output h, padded ([B, S, H], `attention`) or packed ([T, H], `attention_packed`)."""
+    x = x + attend(layer_norm(x, layer.ln1_w, layer.ln1_b, cfg.norm_eps), layer, cfg)
     return x + ffn(layer_norm(x, layer.ln2_w, layer.ln2_b, cfg.norm_eps), layer, cfg)
 
 
@@ -153,23 +160,12 @@ def length_groups(lengths: np.ndarray) -> list[tuple[int, int, int]]:
 
 
 def attention_packed(h: np.ndarray, groups, layer: Layer, cfg: Config) -> np.ndarray:  # [T, H] -> [T, H]
-    hid = h.shape[1]
-    a, d = cfg.heads, cfg.head_size
     qkv = linear(h, layer.qkv)                                            # [T, 3H]
     ctx = np.empty_like(h)
-    for start, n, s in groups:
-        part = qkv[start:start + n * s].reshape(n, s, 3, a, d)
-        q, k, v = part.transpose(2, 0, 3, 1, 4)                           # 3 x [n, A, s, d]
-        scores = q @ k.transpose(0, 1, 3, 2)                              # [n, A, s, s]
-        kernels.run(kernels.masked_softmax_, scores, np.zeros((n, s), f32), layer.norm_factor)
-        ctx[start:start + n * s] = (scores @ v).transpose(0, 2, 1, 3).reshape(n * s, hid)
+    for start, n, s in groups:                                            # n sequences of s tokens
+        end = start + n * s
+        ctx[start:end] = self_attention(qkv[start:end].reshape(n, s, -1), np.zeros((n, s), f32), layer, cfg)
     return linear(ctx, layer.attn_out)
-
-
-def block_packed(x: np.ndarray, groups, layer: Layer, cfg: Config, ffn=feedforward) -> np.ndarray:
-    """One pre-LN layer on packed tokens: [T, H] -> [T, H]."""
-    x = x + attention_packed(layer_norm(x, layer.ln1_w, layer.ln1_b, cfg.norm_eps), groups, layer, cfg)
-    return x + ffn(layer_norm(x, layer.ln2_w, layer.ln2_b, cfg.norm_eps)[None], layer, cfg)[0]
 
 
 def encoder(ids: np.ndarray, mask: np.ndarray, w: Weights, cfg: Config, ffn=feedforward) -> np.ndarray:
@@ -190,8 +186,9 @@ def _encode(ids, mask, w: Weights, cfg: Config, ffn, on_layer=None) -> tuple[np.
 
 def _layers_padded(x, mask, _, w: Weights, cfg: Config, ffn, on_layer) -> np.ndarray:  # [B, S, H] -> [B, S, H]
     bias = key_bias(mask)
+    attend = lambda h, layer, cfg: attention(h, bias, layer, cfg)  # noqa: E731
     for layer in w.layers:
-        x = block(x, bias, layer, cfg, ffn)
+        x = block(x, attend, layer, cfg, ffn)
         if on_layer:
             on_layer(x)
     return layer_norm(x, w.final_ln_w, w.final_ln_b, cfg.norm_eps)
@@ -205,9 +202,10 @@ def _layers_packed(x, mask, lengths, w: Weights, cfg: Config, ffn, on_layer) -> 
         full = np.zeros(real.shape + (cfg.hidden,), f32)
         full[real] = tokens
         return full
+    attend = lambda h, layer, cfg: attention_packed(h, groups, layer, cfg)  # noqa: E731
     x = x[real]                                                            # [T, H]
     for layer in w.layers:
-        x = block_packed(x, groups, layer, cfg, ffn)
+        x = block(x, attend, layer, cfg, ffn)
         if on_layer:
             on_layer(unpack(x))
     return unpack(layer_norm(x, w.final_ln_w, w.final_ln_b, cfg.norm_eps))
