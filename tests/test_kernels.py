@@ -213,7 +213,7 @@ def test_matmul_nt_matches_naive(m, n, k):
     w = rng.standard_normal((n, k), dtype=f32)
     w.flags.writeable = False                 # weights are read-only memory maps in the engine
     out = np.full((m, n), np.nan, f32)
-    kernels.matmul_nt(x, w, out)
+    kernels.matmul_nt(x, w, out, np.zeros(kernels.SHARED_SLOTS, np.int64))
     ref = matmul_nt_ref(x, w) if m * n * k < 1e6 else x.astype(np.float64) @ w.T.astype(np.float64)
     np.testing.assert_allclose(out, ref, rtol=0, atol=2e-6 * math.sqrt(k) * 4)
 
@@ -237,13 +237,12 @@ def twin_cases(rng):
         kernels.layer_norm: (x, rng.standard_normal(64, dtype=f32), rng.standard_normal(64, dtype=f32), f32(1e-12),
                              np.empty_like(x)),
         kernels.masked_softmax_: (scores, fwd.key_bias(rng.integers(0, 2, (3, 9))), f32(0.125)),
-        kernels.matmul_nt: (x, rng.standard_normal((30, 64), dtype=f32), np.empty((37, 30), f32)),
         kernels.fff_walk: (x, w_in, b_in, w_out, 5, np.empty_like(x), np.empty((37, 6), np.int32),
                            np.empty((37, 6), f32)),
     }
 
 
-@pytest.mark.parametrize("name", ["gelu_", "layer_norm", "masked_softmax_", "matmul_nt", "fff_walk"])
+@pytest.mark.parametrize("name", ["gelu_", "layer_norm", "masked_softmax_", "fff_walk"])
 def test_serial_twin_equals_parallel_build(name):
     """Each row is computed by the same code in both builds: the results are bit-identical."""
     kernel = getattr(kernels, name)
@@ -269,3 +268,44 @@ def test_run_picks_the_build_by_size_and_threads(monkeypatch):
     monkeypatch.setattr(kernels.numba, "get_num_threads", lambda: 1)
     kernels.run(par, np.zeros(1000))
     assert calls == ["serial", "parallel", "serial"]
+
+
+@pytest.mark.parametrize("m,n", [(2, 5), (11, 2304), (64, 768)])
+def test_shared_matmul_nt_with_helpers_equals_one_thread(m, n, monkeypatch):
+    """Helper threads claim blocks computed by the same code: the same bits as the kernel alone,
+    whichever thread did which block (repeated, so that the split differs between calls)."""
+    rng = np.random.default_rng(n)
+    x = rng.standard_normal((m, 768), dtype=f32)
+    w = rng.standard_normal((n, 768), dtype=f32)
+    alone = np.full((m, n), np.nan, f32)
+    kernels.matmul_nt(x, w, alone, np.zeros(kernels.SHARED_SLOTS, np.int64))
+    monkeypatch.setattr(kernels.numba, "get_num_threads", lambda: 3)     # two helpers
+    for _ in range(20):
+        out = np.full((m, n), np.nan, f32)
+        kernels.run(kernels.matmul_nt, x, w, out)
+        np.testing.assert_array_equal(out, alone)
+
+
+def test_shared_state_is_left_empty():
+    """After a call every block was claimed and every thread has left the kernel."""
+    x = np.ones((5, 8), f32)
+    w = np.ones((13, 8), f32)
+    state = np.zeros(kernels.SHARED_SLOTS, np.int64)
+    out = np.empty((5, 13), f32)
+    kernels.matmul_nt(x, w, out, state)
+    assert state[kernels.SHARED_INSIDE] == 0 and state[kernels.SHARED_NEXT] >= 4
+    assert kernels.helpers_done(state, 1)
+    np.testing.assert_array_equal(out, np.full((5, 13), 8, f32))
+    kernels.matmul_nt(x, w, out, state)           # a used state: nothing left to claim
+    assert state[kernels.SHARED_INSIDE] == 0
+
+
+def test_fetch_add_returns_the_old_value():
+    from numba import njit
+
+    @njit
+    def bump(a):
+        return kernels.fetch_add(a, 1, 5), kernels.fetch_add(a, 1, -2)
+
+    a = np.array([7, 10], np.int64)
+    assert bump(a) == (10, 15) and a.tolist() == [7, 13]

@@ -14,11 +14,14 @@ Policy, the same for all kernels (see `_JIT`):
   which holds one process-wide lock (uncontended it costs well under a microsecond).
 - Every parallel kernel has a serial twin: the same per-row function in a plain loop. `run`
   picks it at one thread and for inputs too small to pay for a launch (see "Launching").
+- Shared kernels (matmul_nt) do not use Numba's pool at all: the calling thread starts at once
+  and helper threads join it (see "Shared kernels"), for the small products of a short sentence,
+  where waking the pool cost more than the product.
 - Kernels only do math on arrays the Python wrapper has already checked (shapes, dtypes,
   contiguity): an out-of-bounds index inside a kernel is a segfault, not an exception.
 
-Every kernel here is tested against a naive NumPy version in tests/test_kernels.py, and every
-serial twin against its parallel build.
+Every kernel here is tested against a naive NumPy version in tests/test_kernels.py, every
+serial twin against its parallel build, and every shared kernel with helpers against itself alone.
 """
 from __future__ import annotations
 
@@ -28,6 +31,8 @@ import tempfile
 import threading
 
 import numpy as np
+
+from . import workshare
 
 
 def _writable(folder: str) -> bool:
@@ -68,6 +73,7 @@ _CACHE = _choose_cache_dir()
 import numba  # noqa: E402  (after NUMBA_CACHE_DIR is settled)
 from llvmlite import ir  # noqa: E402
 from numba import njit, prange, types  # noqa: E402
+from numba.core import cgutils  # noqa: E402
 from numba.extending import intrinsic  # noqa: E402
 
 if os.environ.get("NUMBA_CACHE_DIR"):
@@ -241,6 +247,45 @@ def masked_softmax_serial(scores, key_bias, scale):
 
 
 # ---------------------------------------------------------------------------------------------
+# Shared kernels: the calling thread and helper threads claim blocks from one counter
+# ---------------------------------------------------------------------------------------------
+# A launch on Numba's workqueue pool wakes sleeping workers, which takes 100-300 us on these
+# 2-core virtual machines, and the caller waits for them: a short sentence's 32 projections paid
+# that 32 times. A shared kernel starts on the calling thread at once, and helper threads
+# (ufcpu/workshare.py) join when they wake: each thread claims the next blocks with an atomic
+# add until none is left, so a helper that wakes late just does less. The caller then waits only
+# for the blocks a helper is still computing. Every block is computed by the same code whichever
+# thread claims it: the result is the same bits with or without helpers.
+# state: int64 [SHARED_SLOTS], zeros, one per call.
+
+SHARED_NEXT = 0      # the next block nobody has claimed
+SHARED_INSIDE = 1    # threads inside the kernel
+SHARED_SLOTS = 2
+
+
+@intrinsic
+def fetch_add(typingctx, array, index, value):
+    """Atomically add `value` to array[index] (an int64 array) -> the value before. Sequentially
+    consistent: what a thread wrote before its fetch_add is seen by a thread after its own."""
+    def codegen(context, builder, signature, args):
+        array_type = signature.args[0]
+        arr = context.make_array(array_type)(context, builder, args[0])
+        ptr = cgutils.get_item_pointer(context, builder, array_type, arr, [args[1]])
+        add = context.cast(builder, args[2], signature.args[2], types.int64)
+        return builder.atomic_rmw("add", ptr, add, "seq_cst")
+    return types.int64(array, index, value), codegen
+
+
+@njit(**_JIT)
+def helpers_done(state, spins):
+    """Spin until no thread is inside the kernel, at most `spins` checks -> whether none is."""
+    for _ in range(spins):
+        if fetch_add(state, SHARED_INSIDE, 0) == 0:
+            return True
+    return False
+
+
+# ---------------------------------------------------------------------------------------------
 # Projections of a few tokens: out = x @ w.T with w stored [out, in] (as the checkpoint's Linear)
 # ---------------------------------------------------------------------------------------------
 # OpenBLAS reaches 80% of peak on hundreds of tokens, but for a short sentence (M ~ 10) its
@@ -307,16 +352,22 @@ def _matmul_nt_block(x, w, out, nb):  # rows 4nb..4nb+3 of w, every token
         out[m, n], out[m, n + 1], out[m, n + 2], out[m, n + 3] = a00, a01, a02, a03
 
 
-@njit(parallel=True, **_JIT)
-def matmul_nt(x, w, out):  # x [M, K], w [N, K] -> out [M, N] = x @ w.T
-    for nb in prange((w.shape[0] + 3) // 4):
-        _matmul_nt_block(x, w, out, nb)
+MATMUL_NT_GRAIN = 4   # blocks per claim: 16 output columns, one 64-byte line of each token's row
 
 
 @njit(**_JIT)
-def matmul_nt_serial(x, w, out):
-    for nb in range((w.shape[0] + 3) // 4):
-        _matmul_nt_block(x, w, out, nb)
+def matmul_nt(x, w, out, state):  # x [M, K], w [N, K] -> out [M, N] = x @ w.T; state: see `shared`
+    """A shared kernel: every thread that runs it with the same `state` claims blocks of rows
+    until none is left (see "Shared kernels" below)."""
+    fetch_add(state, SHARED_INSIDE, 1)
+    blocks = (w.shape[0] + 3) // 4
+    while True:
+        b0 = fetch_add(state, SHARED_NEXT, MATMUL_NT_GRAIN)
+        if b0 >= blocks:
+            break
+        for nb in range(b0, min(b0 + MATMUL_NT_GRAIN, blocks)):
+            _matmul_nt_block(x, w, out, nb)
+    fetch_add(state, SHARED_INSIDE, -1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -417,24 +468,40 @@ def fff_walk_serial(x, w_in, b_in, w_out, depth, out, routes, logits):
 #   FFF walk: serial faster up to 256 tokens (1.1 vs 1.6 ms), parallel from 512 (1.7 vs 2.4 ms)
 #   softmax: serial faster up to 1 x 12 heads x 128 x 128 scores, parallel from 2 x 12 x 128 x 128
 #     in two runs of three (0.39 vs 0.55 ms), serial in the third
-#   matmul_nt: parallel faster from 2 tokens, in a whole forward pass: streaming the weights
-#     from memory takes both cores (one 11-token sentence, p50 of 4 processes each: 22.5 vs 25.8 ms)
 #   GELU (the dense baselines of bench/ only): parallel from 64 rows of 3072
 
 _TWINS = {  # parallel kernel -> (serial twin, first-argument size from which the pool is used)
     layer_norm: (layer_norm_serial, 8192 * 768),
     masked_softmax_: (masked_softmax_serial, 2 * 12 * 128 * 128),
     fff_walk: (fff_walk_serial, 512 * 768),
-    matmul_nt: (matmul_nt_serial, 2 * 768),
     gelu_: (gelu_serial, 64 * 3072),
 }
 
+# shared kernel -> first-argument size from which helper threads are offered a share:
+#   matmul_nt: from 2 tokens. One 15-token sentence at 2 threads, p50 over 200 forwards: 15-17 ms
+#     shared, 24 ms on one thread, 18-26 ms as a prange on the workqueue pool.
+_SHARED = {
+    matmul_nt: 2 * 768,
+}
+
+_SPINS = 1 << 12   # checks between yields while a helper finishes its last block
+
 
 def run(kernel, *args):
-    """Run a kernel: its serial twin when that is faster, else the parallel build, one launch at
-    a time per process (see the module docstring)."""
+    """Run a kernel: a shared kernel on this thread with helpers joining (see "Shared kernels");
+    any other as its serial twin when that is faster, else its parallel build, one launch at a
+    time per process (see the module docstring)."""
+    threads = numba.get_num_threads()
+    if kernel in _SHARED:
+        state = np.zeros(SHARED_SLOTS, np.int64)
+        if threads > 1 and args[0].size >= _SHARED[kernel]:
+            workshare.offer(kernel, args + (state,), threads - 1)
+        kernel(*args, state)
+        while not helpers_done(state, _SPINS):
+            os.sched_yield()
+        return None
     serial, parallel_from = _TWINS[kernel]
-    if args[0].size < parallel_from or numba.get_num_threads() == 1:
+    if args[0].size < parallel_from or threads == 1:
         return serial(*args)
     with _LAUNCH_LOCK:
         return kernel(*args)
@@ -455,7 +522,8 @@ def _example_calls() -> dict:
         gelu_: [(np.ones((2, 4), f32),)],
         layer_norm: [(x, k(np.ones(4, f32)), k(np.zeros(4, f32)), f32(1e-12), np.empty_like(x)) for k in kinds],
         masked_softmax_: [(np.ones((1, 1, 2, 2), f32), np.zeros((1, 2), f32), f32(1.0))],
-        matmul_nt: [(x, k(np.ones((3, 4), f32)), np.empty((2, 3), f32)) for k in kinds],
+        matmul_nt: [(x, k(np.ones((3, 4), f32)), np.empty((2, 3), f32), np.zeros(SHARED_SLOTS, np.int64))
+                    for k in kinds],
         fff_walk: [(x, k(np.ones((3, 4), f32)), k(np.zeros(3, f32)), k(np.ones((3, 4), f32)), 1,
                     np.empty_like(x), np.empty((2, 2), np.int32), np.empty((2, 2), f32)) for k in kinds],
     }
@@ -463,10 +531,11 @@ def _example_calls() -> dict:
 
 def warmup() -> None:
     """Compile (or load from the cache) both builds of every kernel."""
-    for parallel, calls in _example_calls().items():
-        for build in (parallel, _TWINS[parallel][0]):
+    for kernel, calls in _example_calls().items():
+        for build in (kernel,) + ((_TWINS[kernel][0],) if kernel in _TWINS else ()):
             for args in calls:
                 build(*args)
+    helpers_done(np.zeros(SHARED_SLOTS, np.int64), 1)
 
 
 def set_threads(n: int) -> None:

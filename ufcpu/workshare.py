@@ -1,0 +1,66 @@
+"""Helper threads that join a shared kernel the calling thread has already started.
+
+A shared kernel (ufcpu/kernels.py, "Shared kernels") splits its work into blocks that any thread
+running it claims from one atomic counter. `offer` hands the call to up to `count` helper threads
+and returns at once; the caller then runs the kernel itself. A helper that wakes late finds fewer
+blocks, or none, and returns: nobody ever waits for a thread to wake up.
+
+The helpers are plain Python threads blocked on a queue. The kernels release the GIL
+(`nogil=True`), so a helper computes while the caller does. After a fork the child starts with no
+helpers (a forked process has only the thread that forked) and creates its own when first asked.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+
+log = logging.getLogger("ufcpu")
+
+_tasks: queue.SimpleQueue = queue.SimpleQueue()
+_helpers: list[threading.Thread] = []
+_grow = threading.Lock()
+
+
+def _serve() -> None:
+    while True:
+        kernel, args = _tasks.get()
+        try:
+            kernel(*args)
+        except Exception:  # a kernel only does arithmetic; the caller has done every block anyway
+            log.debug("a helper thread's share of %s failed", getattr(kernel, "__name__", kernel), exc_info=True)
+
+
+def _ensure(count: int) -> None:
+    with _grow:
+        while len(_helpers) < count:
+            t = threading.Thread(target=_serve, name=f"ufcpu-helper-{len(_helpers)}", daemon=True)
+            t.start()
+            _helpers.append(t)
+
+
+def offer(kernel, args: tuple, count: int) -> None:
+    """Let up to `count` helper threads run kernel(*args) too. If helpers are still busy with
+    earlier calls, at most `count` tasks wait for them (a task whose call has ended costs its
+    helper a counter read)."""
+    if count < 1:
+        return
+    _ensure(count)
+    for _ in range(min(count, count - _tasks.qsize())):
+        _tasks.put((kernel, args))
+
+
+def helper_count() -> int:
+    return len(_helpers)
+
+
+def _after_fork_in_child() -> None:
+    global _tasks, _grow
+    _tasks = queue.SimpleQueue()
+    _grow = threading.Lock()
+    _helpers.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
