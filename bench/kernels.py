@@ -3,6 +3,9 @@
 - `launch`: each parallel kernel against its serial twin (ufcpu/kernels.py, `_TWINS`), at growing
   sizes, with a BLAS product before every call as in the forward pass (every kernel there follows a
   GEMM). The size from which the parallel build wins is the threshold `kernels.run` uses.
+- `shared`: each shared kernel (`_SHARED`) on the calling thread alone against `kernels.run`, where
+  helper threads join it, with the same BLAS product before every call. The size from which
+  helpers pay off is the threshold in `_SHARED`.
 - `products`: x @ w.T for a few tokens (M = 1..256; w [N, 768] with N = 2304 for QKV and 768 for
   the output projection): OpenBLAS against `kernels.matmul_nt`, both as `model.linear` calls them,
   over 16 distinct weight matrices so that weights stream from memory as in a forward pass. The
@@ -53,8 +56,6 @@ def launch_cases(tokens: int, rng: np.random.Generator, tree) -> dict:
     seqs, s = max(tokens // 128, 1), min(tokens, 128)
     return {
         "layer_norm": (kernels.layer_norm, (x, np.ones(H, f32), np.zeros(H, f32), f32(1e-12), np.empty_like(x))),
-        "fff_walk": (kernels.fff_walk, (x, w_in, b_in, w_out, DEPTH, np.empty_like(x),
-                                        np.empty((tokens, DEPTH + 1), np.int32), np.empty((tokens, DEPTH + 1), f32))),
         "masked_softmax_": (kernels.masked_softmax_, (rng.standard_normal((seqs, HEADS, s, s), dtype=f32),
                                                       np.zeros((seqs, s), f32), f32(0.125))),
         "gelu_": (kernels.gelu_, (rng.standard_normal((tokens, 4 * H), dtype=f32),)),
@@ -83,6 +84,41 @@ def measure_launch(token_counts, repeats: int, rng) -> list[dict]:
     return rows
 
 
+def shared_cases(tokens: int, rng: np.random.Generator, tree) -> dict:
+    """kernel name -> (shared kernel, arguments without the state) for `tokens` rows of width H."""
+    w_in, b_in, w_out = tree
+    x = rng.standard_normal((tokens, H), dtype=f32)
+    return {
+        "fff_walk": (kernels.fff_walk, (x, w_in, b_in, w_out, DEPTH, np.empty_like(x),
+                                        np.empty((tokens, DEPTH + 1), np.int32), np.empty((tokens, DEPTH + 1), f32))),
+        "matmul_nt": (kernels.matmul_nt, (x, rng.standard_normal((3 * H, H), dtype=f32), np.empty((tokens, 3 * H), f32))),
+    }
+
+
+def measure_shared(token_counts, repeats: int, rng) -> list[dict]:
+    n = 2 ** (DEPTH + 1) - 1
+    tree = (rng.standard_normal((n, H), dtype=f32) * f32(1 / math.sqrt(H)),
+            rng.standard_normal(n, dtype=f32) * f32(0.3),
+            rng.standard_normal((n, H), dtype=f32) * f32(1 / math.sqrt(n)))
+    w = rng.standard_normal((H, H), dtype=f32)
+    rows = []
+    for t in token_counts:
+        y = rng.standard_normal((t, H), dtype=f32)
+
+        def gemm():
+            return y @ w.T
+        for name, (kernel, args) in shared_cases(t, rng, tree).items():
+            if name == "matmul_nt" and t > fwd.SMALL_PRODUCT_TOKENS:
+                continue
+            alone = per_call_us(lambda: kernel(*args, np.zeros(kernels.SHARED_SLOTS, np.int64)), gemm, repeats)
+            shared = per_call_us(lambda: kernels.run(kernel, *args), gemm, repeats)
+            helped = args[0].size >= kernels._SHARED[kernel]
+            rows.append({"kernel": name, "tokens": t, "alone_us": alone, "shared_us": shared,
+                         "run_uses": "helpers" if helped else "alone"})
+            log(f"  {name:16} {t:5} tokens: alone {alone:8.0f} us  with helpers {shared:8.0f} us")
+    return rows
+
+
 def measure_products(token_counts, repeats: int, rng) -> list[dict]:
     rows = []
     for n_out in (3 * H, H):
@@ -106,7 +142,7 @@ def measure_products(token_counts, repeats: int, rng) -> list[dict]:
     return rows
 
 
-def markdown(launch: list[dict], products: list[dict], n_threads: int, info: dict) -> str:
+def markdown(launch: list[dict], shared: list[dict], products: list[dict], n_threads: int, info: dict) -> str:
     out = ["# Kernels: launch thresholds and small products", "",
            f"{n_threads} threads; {info.get('cpu_model') or 'CPU'}. Microseconds per call, medians. "
            "'used' is what ufcpu picks at that size (kernels.run, model.linear).", "",
@@ -115,6 +151,11 @@ def markdown(launch: list[dict], products: list[dict], n_threads: int, info: dic
         ["kernel", "tokens", "parallel us", "serial us", "faster", "used"],
         [[r["kernel"], r["tokens"], fmt(r["parallel_us"]), fmt(r["serial_us"]),
           "parallel" if r["parallel_us"] < r["serial_us"] else "serial", r["run_uses"]] for r in launch]))
+    out += ["", "## Shared kernels: the calling thread alone, or helpers joining it (a BLAS product before every call)", ""]
+    out.append(common.md_table(
+        ["kernel", "tokens", "alone us", "with helpers us", "faster", "used"],
+        [[r["kernel"], r["tokens"], fmt(r["alone_us"]), fmt(r["shared_us"]),
+          "helpers" if r["shared_us"] < r["alone_us"] else "alone", r["run_uses"]] for r in shared]))
     out += ["", "## x @ w.T for a few tokens: OpenBLAS or matmul_nt (16 distinct weight matrices)", ""]
     out.append(common.md_table(
         ["w", "tokens", "OpenBLAS us", "matmul_nt us", "faster", "used"],
@@ -138,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     repeats = 3 if args.smoke else 40
     log(f"parallel or serial, {n} threads")
     launch = measure_launch(launch_tokens, repeats, rng)
+    log(f"alone or with helpers, {n} threads")
+    shared = measure_shared(launch_tokens, repeats, rng)
     log("small products")
     products = measure_products(product_tokens, max(3, repeats // 4), rng)
     info = common.machine_info()
@@ -145,9 +188,10 @@ def main(argv: list[str] | None = None) -> int:
     info["blas_idle_workers_sleep"] = threads.blas_workers_sleep()
     args.out.mkdir(parents=True, exist_ok=True)
     common.write_json(args.out / "kernels.json", {"benchmark": "kernels", "smoke": args.smoke, "threads": n,
-                                                  "machine": info, "launch": launch, "products": products,
+                                                  "machine": info, "launch": launch, "shared": shared,
+                                                  "products": products,
                                                   "wall_s": time.perf_counter() - started})
-    md = markdown(launch, products, n, info)
+    md = markdown(launch, shared, products, n, info)
     common.write_text(args.out / "kernels.md", md)
     print(md)
     log(f"wrote {args.out / 'kernels.json'}, kernels.md in {time.perf_counter() - started:.0f} s")

@@ -260,7 +260,9 @@ def masked_softmax_serial(scores, key_bias, scale):
 
 SHARED_NEXT = 0      # the next block nobody has claimed
 SHARED_INSIDE = 1    # threads inside the kernel
-SHARED_SLOTS = 2
+SHARED_DONE = 2      # blocks finished, for a kernel whose second sweep needs the whole first
+SHARED_NEXT_2 = 3    # the next block of that second sweep
+SHARED_SLOTS = 4
 
 
 @intrinsic
@@ -436,24 +438,35 @@ def _fff_output(w_out, depth, route, logits, out_row):
         level += 1
 
 
-@njit(parallel=True, **_JIT)
-def fff_walk(x, w_in, b_in, w_out, depth, out, routes, logits):
-    """x [T, H], w_in [N, H], b_in [N], w_out [N, H] -> out [T, H], routes/logits [T, D+1].
-
-    Only the visited rows of w_in and w_out are read: 2 * (D+1) rows instead of 2 * (2^(D+1)-1).
-    """
-    for tile in prange((x.shape[0] + ROUTE_TILE - 1) // ROUTE_TILE):
-        _fff_route_tile(x, w_in, b_in, depth, routes, logits, tile)
-    for t in prange(x.shape[0]):
-        _fff_output(w_out, depth, routes[t], logits[t], out[t])
+OUTPUT_BLOCK = 16  # tokens per claim in the output sweep
 
 
 @njit(**_JIT)
-def fff_walk_serial(x, w_in, b_in, w_out, depth, out, routes, logits):
-    for tile in range((x.shape[0] + ROUTE_TILE - 1) // ROUTE_TILE):
+def fff_walk(x, w_in, b_in, w_out, depth, out, routes, logits, state):
+    """x [T, H], w_in [N, H], b_in [N], w_out [N, H] -> out [T, H], routes/logits [T, D+1].
+    A shared kernel (see "Shared kernels"): threads claim route tiles, wait until every tile is
+    routed (only for tiles other threads are still on), then claim blocks of outputs.
+
+    Only the visited rows of w_in and w_out are read: 2 * (D+1) rows instead of 2 * (2^(D+1)-1).
+    """
+    fetch_add(state, SHARED_INSIDE, 1)
+    tiles = (x.shape[0] + ROUTE_TILE - 1) // ROUTE_TILE
+    while True:
+        tile = fetch_add(state, SHARED_NEXT, 1)
+        if tile >= tiles:
+            break
         _fff_route_tile(x, w_in, b_in, depth, routes, logits, tile)
-    for t in range(x.shape[0]):
-        _fff_output(w_out, depth, routes[t], logits[t], out[t])
+        fetch_add(state, SHARED_DONE, 1)
+    while fetch_add(state, SHARED_DONE, 0) < tiles:
+        pass
+    blocks = (x.shape[0] + OUTPUT_BLOCK - 1) // OUTPUT_BLOCK
+    while True:
+        b = fetch_add(state, SHARED_NEXT_2, 1)
+        if b >= blocks:
+            break
+        for t in range(b * OUTPUT_BLOCK, min((b + 1) * OUTPUT_BLOCK, x.shape[0])):
+            _fff_output(w_out, depth, routes[t], logits[t], out[t])
+    fetch_add(state, SHARED_INSIDE, -1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -465,7 +478,6 @@ def fff_walk_serial(x, w_in, b_in, w_out, depth, out, routes, logits):
 # the first argument) from which the pool paid off, measured with 768-wide rows, 2 threads and a
 # BLAS product before every launch as in the forward pass (bench/README.md, "Threads"):
 #   LayerNorm: serial faster at every size tried, up to 2048 rows (658 vs 1196 us)
-#   FFF walk: serial faster up to 256 tokens (1.1 vs 1.6 ms), parallel from 512 (1.7 vs 2.4 ms)
 #   softmax: serial faster up to 1 x 12 heads x 128 x 128 scores, parallel from 2 x 12 x 128 x 128
 #     in two runs of three (0.39 vs 0.55 ms), serial in the third
 #   GELU (the dense baselines of bench/ only): parallel from 64 rows of 3072
@@ -473,7 +485,6 @@ def fff_walk_serial(x, w_in, b_in, w_out, depth, out, routes, logits):
 _TWINS = {  # parallel kernel -> (serial twin, first-argument size from which the pool is used)
     layer_norm: (layer_norm_serial, 8192 * 768),
     masked_softmax_: (masked_softmax_serial, 2 * 12 * 128 * 128),
-    fff_walk: (fff_walk_serial, 512 * 768),
     gelu_: (gelu_serial, 64 * 3072),
 }
 
@@ -482,6 +493,7 @@ _TWINS = {  # parallel kernel -> (serial twin, first-argument size from which th
 #     shared, 24 ms on one thread, 18-26 ms as a prange on the workqueue pool.
 _SHARED = {
     matmul_nt: 2 * 768,
+    fff_walk: 32 * 768,
 }
 
 _SPINS = 1 << 12   # checks between yields while a helper finishes its last block
@@ -525,7 +537,8 @@ def _example_calls() -> dict:
         matmul_nt: [(x, k(np.ones((3, 4), f32)), np.empty((2, 3), f32), np.zeros(SHARED_SLOTS, np.int64))
                     for k in kinds],
         fff_walk: [(x, k(np.ones((3, 4), f32)), k(np.zeros(3, f32)), k(np.ones((3, 4), f32)), 1,
-                    np.empty_like(x), np.empty((2, 2), np.int32), np.empty((2, 2), f32)) for k in kinds],
+                    np.empty_like(x), np.empty((2, 2), np.int32), np.empty((2, 2), f32),
+                    np.zeros(SHARED_SLOTS, np.int64)) for k in kinds],
     }
 
 
