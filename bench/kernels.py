@@ -49,9 +49,15 @@ def per_call_us(fn, before, repeats: int) -> float:
     return 1e6 * float(np.median(samples))
 
 
-def launch_cases(tokens: int, rng: np.random.Generator, tree) -> dict:
-    """kernel name -> (parallel build, serial build, arguments) for `tokens` rows of width H."""
-    w_in, b_in, w_out = tree
+def gemm_before(tokens: int, rng: np.random.Generator):
+    """-> a function doing the BLAS product of `tokens` rows that precedes every kernel in a forward pass."""
+    y = rng.standard_normal((tokens, H), dtype=f32)
+    w = rng.standard_normal((H, H), dtype=f32)
+    return lambda: y @ w.T
+
+
+def launch_cases(tokens: int, rng: np.random.Generator) -> dict:
+    """kernel name -> (parallel build, arguments) for `tokens` rows of width H."""
     x = rng.standard_normal((tokens, H), dtype=f32)
     seqs, s = max(tokens // 128, 1), min(tokens, 128)
     return {
@@ -63,18 +69,10 @@ def launch_cases(tokens: int, rng: np.random.Generator, tree) -> dict:
 
 
 def measure_launch(token_counts, repeats: int, rng) -> list[dict]:
-    n = 2 ** (DEPTH + 1) - 1
-    tree = (rng.standard_normal((n, H), dtype=f32) * f32(1 / math.sqrt(H)),
-            rng.standard_normal(n, dtype=f32) * f32(0.3),
-            rng.standard_normal((n, H), dtype=f32) * f32(1 / math.sqrt(n)))
-    w = rng.standard_normal((H, H), dtype=f32)
     rows = []
     for t in token_counts:
-        y = rng.standard_normal((t, H), dtype=f32)
-
-        def gemm():
-            return y @ w.T
-        for name, (parallel, args) in launch_cases(t, rng, tree).items():
+        gemm = gemm_before(t, rng)
+        for name, (parallel, args) in launch_cases(t, rng).items():
             serial, threshold = kernels._TWINS[parallel]
             par = per_call_us(lambda: parallel(*args), gemm, repeats)
             ser = per_call_us(lambda: serial(*args), gemm, repeats)
@@ -100,13 +98,9 @@ def measure_shared(token_counts, repeats: int, rng) -> list[dict]:
     tree = (rng.standard_normal((n, H), dtype=f32) * f32(1 / math.sqrt(H)),
             rng.standard_normal(n, dtype=f32) * f32(0.3),
             rng.standard_normal((n, H), dtype=f32) * f32(1 / math.sqrt(n)))
-    w = rng.standard_normal((H, H), dtype=f32)
     rows = []
     for t in token_counts:
-        y = rng.standard_normal((t, H), dtype=f32)
-
-        def gemm():
-            return y @ w.T
+        gemm = gemm_before(t, rng)
         for name, (kernel, args) in shared_cases(t, rng, tree).items():
             if name == "matmul_nt" and t > fwd.SMALL_PRODUCT_TOKENS:
                 continue
