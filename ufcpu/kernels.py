@@ -506,8 +506,9 @@ def run(kernel, *args):
     threads = numba.get_num_threads()
     if kernel in _SHARED:
         state = np.zeros(SHARED_SLOTS, np.int64)
-        if threads > 1 and args[0].size >= _SHARED[kernel]:
-            workshare.offer(kernel, args + (state,), threads - 1)
+        if threads == 1 or args[0].size < _SHARED[kernel]:
+            return kernel(*args, state)
+        workshare.offer(kernel, args + (state,), threads - 1)
         kernel(*args, state)
         while not helpers_done(state, _SPINS):
             os.sched_yield()
