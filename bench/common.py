@@ -147,10 +147,13 @@ def _stream_sum():
 
 
 def stream_bandwidth(nbytes: int, passes: int = 5) -> float:
-    """Best observed read bandwidth in GB/s over an array of `nbytes` (Numba's current thread
-    count). A working set larger than the last-level cache measures DRAM streaming; one the
+    """Best observed read bandwidth in GB/s over an array of `nbytes` (as many threads as
+    ufcpu's setting in this thread). A working set larger than the last-level cache measures DRAM streaming; one the
     size of a layer's weights measures the cache the hot case runs from. The best pass is taken
     because the result is used as a floor: an optimistic bandwidth makes a conservative floor."""
+    import numba
+    from ufcpu import kernels
+    numba.set_num_threads(min(kernels.threads(), numba.config.NUMBA_NUM_THREADS))   # ufcpu's setting
     a = np.ones(max(1, nbytes // 4), np.float32)
     kernel = _stream_sum()
     kernel(a[:1024])
@@ -278,15 +281,11 @@ def machine_info() -> dict:
     }
 
 
-def numba_threading() -> dict:
-    """Numba's threading layer (known once a parallel kernel has run) and its thread counts."""
-    import numba
-    try:
-        layer = numba.threading_layer()
-    except ValueError:
-        layer = f"not started yet (config: {numba.config.THREADING_LAYER})"
-    return {"threading_layer": layer, "max_threads": numba.config.NUMBA_NUM_THREADS,
-            "current_threads": numba.get_num_threads()}
+def ufcpu_threads() -> dict:
+    """ufcpu's thread setting in this Python thread, and the helper threads started so far."""
+    from ufcpu import kernels, workshare
+    return {"max_threads": kernels.max_threads(), "current_threads": kernels.threads(),
+            "helper_threads_started": workshare.helper_count()}
 
 
 def _cpu_times() -> tuple[float, float] | None:

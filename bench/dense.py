@@ -39,7 +39,7 @@ def dense_ff(y: np.ndarray, ff: DenseFF) -> np.ndarray:  # [T, H] -> [T, H]
     g = y @ ff.w1.T                                  # [T, F]
     if ff.b1 is not None:
         g += ff.b1
-    kernels.run(kernels.gelu_, g)                    # ufcpu's launcher: one parallel launch at a time
+    kernels.run(kernels.gelu_, g)                    # with ufcpu's helper threads, as the engine's kernels
     return g @ ff.w2.T                               # [T, H]
 
 

@@ -364,7 +364,7 @@ def measure_row(row: Row, threads: int, plan: dict, data, workloads: dict, sizes
         first = next(iter(workloads))
         res["breakdown"] = breakdown(run, {"sentence": [sentence], first: workloads[first],
                                            "mix": workloads["mix"]})
-        res["numba"] = common.numba_threading()
+        res["threads_info"] = common.ufcpu_threads()
     res["check"] = check(row, run, plan, data)
     res["versions"] = common.versions()
     return res

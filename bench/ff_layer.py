@@ -436,12 +436,12 @@ def main(argv: list[str] | None = None) -> int:
     if not plotted:
         md += "\n(plot skipped: matplotlib is not installed)\n"
     info["loadavg_at_end"] = common.loadavg()
-    info["numba"] = common.numba_threading()
+    info["threads"] = common.ufcpu_threads()
     common.write_json(args.out / "ff_layer.json", {
         "benchmark": "ff_layer", "smoke": args.smoke, "machine": info, "sizes": dataclasses.asdict(sizes),
         "inputs": meta, "cases": {c: case_label(c, sizes) for c in CASES},
         "impls": {impl.key: impl.label(layers[0], sizes.depth) for impl in IMPLS},
-        "thread_control": "ufcpu.threads.set_threads(n): OpenBLAS and Numba pools",
+        "thread_control": "ufcpu.threads.set_threads(n): OpenBLAS's pool and ufcpu's helper threads",
         "bandwidth": res["bandwidth"], "routing_distinct_nodes_per_level": res["routing"],
         "widths": res["widths"], "points": res["points"], "rows": rows,
         "plot": png.name if plotted else None, "wall_s": time.perf_counter() - started})

@@ -1,11 +1,9 @@
 """Kernel-level measurements behind two of ufcpu's choices, so that they can be checked on any machine:
 
-- `launch`: each parallel kernel against its serial twin (ufcpu/kernels.py, `_TWINS`), at growing
-  sizes, with a BLAS product before every call as in the forward pass (every kernel there follows a
-  GEMM). The size from which the parallel build wins is the threshold `kernels.run` uses.
-- `shared`: each shared kernel (`_SHARED`) on the calling thread alone against `kernels.run`, where
-  helper threads join it, with the same BLAS product before every call. The size from which
-  helpers pay off is the threshold in `_SHARED`.
+- `shared`: each kernel (ufcpu/kernels.py) on the calling thread alone against `kernels.run`,
+  where helper threads join it, at growing sizes, with a BLAS product before every call as in the
+  forward pass (every kernel there follows a GEMM). The size from which helpers pay off is the
+  threshold in `kernels._SHARED`.
 - `products`: x @ w.T for a few tokens (M = 1..256; w [N, 768] with N = 2304 for QKV and 768 for
   the output projection): OpenBLAS against `kernels.matmul_nt`, both as `model.linear` calls them,
   over 16 distinct weight matrices so that weights stream from memory as in a forward pass. The
@@ -56,8 +54,10 @@ def gemm_before(tokens: int, rng: np.random.Generator):
     return lambda: y @ w.T
 
 
-def launch_cases(tokens: int, rng: np.random.Generator) -> dict:
-    """kernel name -> (parallel build, arguments) for `tokens` rows of width H."""
+def shared_cases(tokens: int, rng: np.random.Generator, tree) -> dict:
+    """kernel name -> (kernel, arguments without the state) for `tokens` rows of width H, as the
+    forward pass calls them (the softmax: tokens // 128 sequences of 128, or one shorter)."""
+    w_in, b_in, w_out = tree
     x = rng.standard_normal((tokens, H), dtype=f32)
     seqs, s = max(tokens // 128, 1), min(tokens, 128)
     return {
@@ -65,28 +65,6 @@ def launch_cases(tokens: int, rng: np.random.Generator) -> dict:
         "masked_softmax_": (kernels.masked_softmax_, (rng.standard_normal((seqs, HEADS, s, s), dtype=f32),
                                                       np.zeros((seqs, s), f32), f32(0.125))),
         "gelu_": (kernels.gelu_, (rng.standard_normal((tokens, 4 * H), dtype=f32),)),
-    }
-
-
-def measure_launch(token_counts, repeats: int, rng) -> list[dict]:
-    rows = []
-    for t in token_counts:
-        gemm = gemm_before(t, rng)
-        for name, (parallel, args) in launch_cases(t, rng).items():
-            serial, threshold = kernels._TWINS[parallel]
-            par = per_call_us(lambda: parallel(*args), gemm, repeats)
-            ser = per_call_us(lambda: serial(*args), gemm, repeats)
-            rows.append({"kernel": name, "tokens": t, "size": int(args[0].size), "parallel_us": par,
-                         "serial_us": ser, "run_uses": "parallel" if args[0].size >= threshold else "serial"})
-            log(f"  {name:16} {t:5} tokens: parallel {par:8.0f} us  serial {ser:8.0f} us")
-    return rows
-
-
-def shared_cases(tokens: int, rng: np.random.Generator, tree) -> dict:
-    """kernel name -> (shared kernel, arguments without the state) for `tokens` rows of width H."""
-    w_in, b_in, w_out = tree
-    x = rng.standard_normal((tokens, H), dtype=f32)
-    return {
         "fff_walk": (kernels.fff_walk, (x, w_in, b_in, w_out, DEPTH, np.empty_like(x),
                                         np.empty((tokens, DEPTH + 1), np.int32), np.empty((tokens, DEPTH + 1), f32))),
         "matmul_nt": (kernels.matmul_nt, (x, rng.standard_normal((3 * H, H), dtype=f32), np.empty((tokens, 3 * H), f32))),
@@ -136,16 +114,11 @@ def measure_products(token_counts, repeats: int, rng) -> list[dict]:
     return rows
 
 
-def markdown(launch: list[dict], shared: list[dict], products: list[dict], n_threads: int, info: dict) -> str:
-    out = ["# Kernels: launch thresholds and small products", "",
+def markdown(shared: list[dict], products: list[dict], n_threads: int, info: dict) -> str:
+    out = ["# Kernels: helper thresholds and small products", "",
            f"{n_threads} threads; {info.get('cpu_model') or 'CPU'}. Microseconds per call, medians. "
            "'used' is what ufcpu picks at that size (kernels.run, model.linear).", "",
-           "## Parallel build or serial twin (a BLAS product before every call)", ""]
-    out.append(common.md_table(
-        ["kernel", "tokens", "parallel us", "serial us", "faster", "used"],
-        [[r["kernel"], r["tokens"], fmt(r["parallel_us"]), fmt(r["serial_us"]),
-          "parallel" if r["parallel_us"] < r["serial_us"] else "serial", r["run_uses"]] for r in launch]))
-    out += ["", "## Shared kernels: the calling thread alone, or helpers joining it (a BLAS product before every call)", ""]
+           "## The calling thread alone, or helpers joining it (a BLAS product before every call)", ""]
     out.append(common.md_table(
         ["kernel", "tokens", "alone us", "with helpers us", "faster", "used"],
         [[r["kernel"], r["tokens"], fmt(r["alone_us"]), fmt(r["shared_us"]),
@@ -168,24 +141,22 @@ def main(argv: list[str] | None = None) -> int:
     n = threads.set_threads(args.threads)
     kernels.warmup()
     rng = np.random.default_rng(0)
-    launch_tokens = (11, 128) if args.smoke else (11, 64, 128, 256, 512, 1024, 2048)
+    shared_tokens = (11, 128) if args.smoke else (11, 64, 128, 256, 512, 1024, 2048)
     product_tokens = (2, 11) if args.smoke else (1, 2, 4, 11, 16, 32, 64, 128, 256)
     repeats = 3 if args.smoke else 40
-    log(f"parallel or serial, {n} threads")
-    launch = measure_launch(launch_tokens, repeats, rng)
     log(f"alone or with helpers, {n} threads")
-    shared = measure_shared(launch_tokens, repeats, rng)
+    shared = measure_shared(shared_tokens, repeats, rng)
     log("small products")
     products = measure_products(product_tokens, max(3, repeats // 4), rng)
     info = common.machine_info()
-    info["numba"] = common.numba_threading()
+    info["threads"] = common.ufcpu_threads()
     info["blas_idle_workers_sleep"] = threads.blas_workers_sleep()
     args.out.mkdir(parents=True, exist_ok=True)
     common.write_json(args.out / "kernels.json", {"benchmark": "kernels", "smoke": args.smoke, "threads": n,
-                                                  "machine": info, "launch": launch, "shared": shared,
+                                                  "machine": info, "shared": shared,
                                                   "products": products,
                                                   "wall_s": time.perf_counter() - started})
-    md = markdown(launch, shared, products, n, info)
+    md = markdown(shared, products, n, info)
     common.write_text(args.out / "kernels.md", md)
     print(md)
     log(f"wrote {args.out / 'kernels.json'}, kernels.md in {time.perf_counter() - started:.0f} s")

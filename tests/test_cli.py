@@ -103,7 +103,7 @@ def test_info_and_warmup():
     out, _, _ = run("info", "-m", MODEL)
     info = json.loads(out)
     assert info["config"]["layers"] == 2 and info["config"]["depth"] == 7
-    assert info["threads"]["numba"] >= 1
+    assert info["threads"]["kernels"] >= 1
     _, err, _ = run("warmup")
     assert "kernels ready" in err
 

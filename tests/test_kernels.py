@@ -141,7 +141,7 @@ def test_masked_softmax_matches_naive(b, a, s):
     ref = np.exp(ref - ref.max(-1, keepdims=True))
     ref /= ref.sum(-1, keepdims=True)
     got = scores.copy()
-    kernels.masked_softmax_(got, bias, f32(0.125))
+    kernels.run(kernels.masked_softmax_, got, bias, f32(0.125))
     np.testing.assert_allclose(got, ref, atol=1e-6)
     # padded keys get exactly no weight, as exp(-10000) gives the reference
     assert got[np.broadcast_to(mask[:, None, None, :] == 0, got.shape)].max(initial=0.0) == 0.0
@@ -150,7 +150,7 @@ def test_masked_softmax_matches_naive(b, a, s):
 def test_gelu_matches_erf():
     z = np.linspace(-8, 8, 1001, dtype=f32)[None].copy()
     ref = gelu_ref(z)
-    kernels.gelu_(z)
+    kernels.run(kernels.gelu_, z)
     np.testing.assert_allclose(z, ref, atol=1e-6)
 
 
@@ -213,7 +213,7 @@ def test_matmul_nt_matches_naive(m, n, k):
     w = rng.standard_normal((n, k), dtype=f32)
     w.flags.writeable = False                 # weights are read-only memory maps in the engine
     out = np.full((m, n), np.nan, f32)
-    kernels.matmul_nt(x, w, out, np.zeros(kernels.SHARED_SLOTS, np.int64))
+    kernels.run(kernels.matmul_nt, x, w, out)
     ref = matmul_nt_ref(x, w) if m * n * k < 1e6 else x.astype(np.float64) @ w.T.astype(np.float64)
     np.testing.assert_allclose(out, ref, rtol=0, atol=2e-6 * math.sqrt(k) * 4)
 
@@ -228,74 +228,86 @@ def test_linear_same_on_both_paths(m):
     np.testing.assert_allclose(fwd.linear(x[:, ::2], w[:, ::2].copy()), x[:, ::2] @ w[:, ::2].T, rtol=0, atol=1e-4)
 
 
-def twin_cases(rng):
-    """kernel -> arguments of a realistic size (outputs written by the kernel come last)."""
-    x, w_in, b_in, w_out = random_tree(rng, 37, 64, 5)
-    scores = rng.standard_normal((3, 4, 9, 9), dtype=f32)
+def shared_cases(rng):
+    """kernel -> arguments of a realistic size, without the state (written outputs come last)."""
+    x, w_in, b_in, w_out = random_tree(rng, 600, 64, 7)
     return {
-        kernels.gelu_: (rng.standard_normal((5, 300), dtype=f32),),
+        kernels.gelu_: (rng.standard_normal((50, 300), dtype=f32),),
         kernels.layer_norm: (x, rng.standard_normal(64, dtype=f32), rng.standard_normal(64, dtype=f32), f32(1e-12),
-                             np.empty_like(x)),
-        kernels.masked_softmax_: (scores, fwd.key_bias(rng.integers(0, 2, (3, 9))), f32(0.125)),
+                             np.full_like(x, np.nan)),
+        kernels.masked_softmax_: (rng.standard_normal((3, 4, 9, 9), dtype=f32), fwd.key_bias(rng.integers(0, 2, (3, 9))),
+                                  f32(0.125)),
+        kernels.matmul_nt: (x[:11], rng.standard_normal((2304, 64), dtype=f32), np.full((11, 2304), np.nan, f32)),
+        kernels.fff_walk: (x, w_in, b_in, w_out, 7, np.full_like(x, np.nan), np.full((600, 8), -1, np.int32),
+                           np.full((600, 8), np.nan, f32)),
     }
 
 
-@pytest.mark.parametrize("name", ["gelu_", "layer_norm", "masked_softmax_"])
-def test_serial_twin_equals_parallel_build(name):
-    """Each row is computed by the same code in both builds: the results are bit-identical."""
+def _copies(args):
+    return [a.copy() if isinstance(a, np.ndarray) else a for a in args]
+
+
+@pytest.mark.parametrize("name", ["gelu_", "layer_norm", "masked_softmax_", "matmul_nt", "fff_walk"])
+def test_shared_kernel_with_helpers_equals_itself_alone(name, monkeypatch):
+    """Helpers claim blocks computed by the same code: the same bits as the kernel alone on one
+    thread, whichever thread did which block (repeated, so that the split differs)."""
     kernel = getattr(kernels, name)
-    serial = kernels._TWINS[kernel][0]
-    args = twin_cases(np.random.default_rng(7))[kernel]
-    a = [v.copy() if isinstance(v, np.ndarray) else v for v in args]
-    b = [v.copy() if isinstance(v, np.ndarray) else v for v in args]
-    kernel(*a)
-    serial(*b)
-    for u, v in zip(a, b):
-        if isinstance(u, np.ndarray):
-            np.testing.assert_array_equal(u, v)
+    args = shared_cases(np.random.default_rng(7))[kernel]
+    alone = _copies(args)
+    state = np.zeros(kernels.SHARED_SLOTS, np.int64)
+    kernel(*alone, state)
+    assert state[kernels.SHARED_INSIDE] == 0 and kernels.helpers_done(state, 1)
+    monkeypatch.setitem(kernels._SHARED, kernel, 1)              # helpers at every size
+    kernels.set_threads(3)                                          # two helpers
+    try:
+        for _ in range(10):
+            got = _copies(args)
+            kernels.run(kernel, *got)
+            for a, b in zip(got, alone):
+                if isinstance(a, np.ndarray):
+                    np.testing.assert_array_equal(a, b)
+    finally:
+        kernels.set_threads(kernels.max_threads())
 
 
-def test_run_picks_the_build_by_size_and_threads(monkeypatch):
-    calls = []
-    par = lambda *a: calls.append("parallel")   # noqa: E731
-    ser = lambda *a: calls.append("serial")     # noqa: E731
-    monkeypatch.setitem(kernels._TWINS, par, (ser, 100))
-    monkeypatch.setattr(kernels.numba, "get_num_threads", lambda: 2)
-    kernels.run(par, np.zeros(99))
-    kernels.run(par, np.zeros(100))
-    monkeypatch.setattr(kernels.numba, "get_num_threads", lambda: 1)
-    kernels.run(par, np.zeros(1000))
-    assert calls == ["serial", "parallel", "serial"]
-
-
-@pytest.mark.parametrize("m,n", [(2, 5), (11, 2304), (64, 768)])
-def test_shared_matmul_nt_with_helpers_equals_one_thread(m, n, monkeypatch):
-    """Helper threads claim blocks computed by the same code: the same bits as the kernel alone,
-    whichever thread did which block (repeated, so that the split differs between calls)."""
-    rng = np.random.default_rng(n)
-    x = rng.standard_normal((m, 768), dtype=f32)
-    w = rng.standard_normal((n, 768), dtype=f32)
-    alone = np.full((m, n), np.nan, f32)
-    kernels.matmul_nt(x, w, alone, np.zeros(kernels.SHARED_SLOTS, np.int64))
-    monkeypatch.setattr(kernels.numba, "get_num_threads", lambda: 3)     # two helpers
-    for _ in range(20):
-        out = np.full((m, n), np.nan, f32)
-        kernels.run(kernels.matmul_nt, x, w, out)
-        np.testing.assert_array_equal(out, alone)
-
-
-def test_shared_state_is_left_empty():
-    """After a call every block was claimed and every thread has left the kernel."""
+def test_a_used_state_has_nothing_left_to_claim():
     x = np.ones((5, 8), f32)
     w = np.ones((13, 8), f32)
     state = np.zeros(kernels.SHARED_SLOTS, np.int64)
     out = np.empty((5, 13), f32)
     kernels.matmul_nt(x, w, out, state)
-    assert state[kernels.SHARED_INSIDE] == 0 and state[kernels.SHARED_NEXT] >= 4
-    assert kernels.helpers_done(state, 1)
     np.testing.assert_array_equal(out, np.full((5, 13), 8, f32))
-    kernels.matmul_nt(x, w, out, state)           # a used state: nothing left to claim
-    assert state[kernels.SHARED_INSIDE] == 0
+    out[:] = 0
+    kernels.matmul_nt(x, w, out, state)
+    assert not out.any() and state[kernels.SHARED_INSIDE] == 0
+
+
+def test_run_offers_helpers_by_size_and_threads(monkeypatch):
+    offered = []
+    monkeypatch.setattr(kernels.workshare, "offer", lambda kernel, args, count: offered.append((args[0].size, count)))
+    monkeypatch.setitem(kernels._SHARED, kernels.gelu_, 100)
+    kernels.set_threads(2)
+    try:
+        kernels.run(kernels.gelu_, np.zeros((1, 99), f32))
+        kernels.run(kernels.gelu_, np.zeros((1, 100), f32))
+        kernels.set_threads(1)
+        kernels.run(kernels.gelu_, np.zeros((1, 1000), f32))
+    finally:
+        kernels.set_threads(kernels.max_threads())
+    assert offered == [(100, 1)]
+
+
+def test_thread_setting_is_per_python_thread():
+    import threading
+    kernels.set_threads(1)
+    seen = []
+    t = threading.Thread(target=lambda: seen.append(kernels.threads()))
+    t.start()
+    t.join()
+    try:
+        assert kernels.threads() == 1 and seen == [kernels.max_threads()]
+    finally:
+        kernels.set_threads(kernels.max_threads())
 
 
 def test_fetch_add_returns_the_old_value():
@@ -307,23 +319,3 @@ def test_fetch_add_returns_the_old_value():
 
     a = np.array([7, 10], np.int64)
     assert bump(a) == (10, 15) and a.tolist() == [7, 13]
-
-
-@pytest.mark.parametrize("t", [1, 17, 100, 600])
-def test_shared_fff_walk_with_helpers_equals_one_thread(t, monkeypatch):
-    """Route tiles and output blocks claimed by any thread: the same bits as the walk alone."""
-    rng = np.random.default_rng(t)
-    x, w_in, b_in, w_out = random_tree(rng, t, 64, 7)
-
-    def buffers():  # out, routes, logits
-        return np.full_like(x, np.nan), np.full((t, 8), -1, np.int32), np.full((t, 8), np.nan, f32)
-
-    alone = buffers()
-    kernels.fff_walk(x, w_in, b_in, w_out, 7, *alone, np.zeros(kernels.SHARED_SLOTS, np.int64))
-    monkeypatch.setitem(kernels._SHARED, kernels.fff_walk, 1)             # helpers at every size
-    monkeypatch.setattr(kernels.numba, "get_num_threads", lambda: 3)
-    for _ in range(10):
-        got = buffers()
-        kernels.run(kernels.fff_walk, x, w_in, b_in, w_out, 7, *got)
-        for a, b in zip(got, alone):
-            np.testing.assert_array_equal(a, b)

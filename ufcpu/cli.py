@@ -255,7 +255,7 @@ def cmd_info(args) -> int:
         "cache_dir": str(hub.cache_dir()),
         "numba_cache_dir": os.environ.get("NUMBA_CACHE_DIR") or "(next to the package)",
         "config": model.config.to_json(),
-        "threads": {"numba": model.threads, "blas": threads.blas_threads(), "cores": threads.cpu_count(),
+        "threads": {"kernels": model.threads, "blas": threads.blas_threads(), "cores": threads.cpu_count(),
                     "blas_idle_workers": "sleep" if threads.blas_workers_sleep() else "spin (NumPy was imported first)"},
         "version": _version(),
     }

@@ -6,22 +6,18 @@ Policy, the same for all kernels (see `_JIT`):
 - `fastmath` is a subset of LLVM flags: reassociation and contraction let the dot products
   vectorise, but NaN/inf semantics stay on ("nnan"/"ninf" are off) so bad weights show up as NaN
   instead of silently routing somewhere.
-- `parallel=True` kernels split work over tokens with `prange`. They run between NumPy GEMMs,
-  never during one. Numba's pool is the "workqueue" layer (unless NUMBA_THREADING_LAYER says
-  otherwise): its idle workers sleep, where OpenMP's spin and steal the cores from OpenBLAS
-  (measured here: the same kernels 3-6x slower under the "omp" layer while BLAS ran alongside).
-  Workqueue does not allow two launches at once, so every parallel launch goes through `run`,
-  which holds one process-wide lock (uncontended it costs well under a microsecond).
-- Every parallel kernel has a serial twin: the same per-row function in a plain loop. `run`
-  picks it at one thread and for inputs too small to pay for a launch (see "Launching").
-- Shared kernels (matmul_nt) do not use Numba's pool at all: the calling thread starts at once
-  and helper threads join it (see "Shared kernels"), for the small products of a short sentence,
-  where waking the pool cost more than the product.
+- Every kernel is "shared": it splits its work into blocks (rows, heads, route tiles) that any
+  thread running it claims from one atomic counter. `run` starts it on the calling thread and
+  lets helper threads (ufcpu/workshare.py) join; nobody waits for a thread to wake up, and a
+  block gives the same bits whichever thread computes it. There is no Numba thread pool: a launch
+  on its workqueue pool cost 100-300 us here (sleeping workers, slow to wake in these virtual
+  machines), more than most kernels of a short input take, and it allowed one launch at a time
+  per process (see "Shared kernels" and "Launching").
 - Kernels only do math on arrays the Python wrapper has already checked (shapes, dtypes,
   contiguity): an out-of-bounds index inside a kernel is a segfault, not an exception.
 
-Every kernel here is tested against a naive NumPy version in tests/test_kernels.py, every
-serial twin against its parallel build, and every shared kernel with helpers against itself alone.
+Every kernel here is tested against a naive NumPy version in tests/test_kernels.py, and with
+helpers against itself alone.
 """
 from __future__ import annotations
 
@@ -72,23 +68,66 @@ _CACHE = _choose_cache_dir()
 
 import numba  # noqa: E402  (after NUMBA_CACHE_DIR is settled)
 from llvmlite import ir  # noqa: E402
-from numba import njit, prange, types  # noqa: E402
+from numba import njit, types  # noqa: E402
 from numba.core import cgutils  # noqa: E402
 from numba.extending import intrinsic  # noqa: E402
 
 if os.environ.get("NUMBA_CACHE_DIR"):
     numba.config.CACHE_DIR = os.environ["NUMBA_CACHE_DIR"]   # in case numba was imported first
-if "NUMBA_THREADING_LAYER" not in os.environ:
-    numba.config.THREADING_LAYER = "workqueue"
-
-_LAUNCH_LOCK = threading.Lock()
-
 # LLVM fast-math flags: everything but the two that drop NaN/inf semantics.
 FASTMATH = {"reassoc", "contract", "arcp", "nsz", "afn"}
 _JIT = dict(cache=_CACHE, fastmath=FASTMATH, nogil=True)
 
 SQRT1_2 = np.float32(1.0 / math.sqrt(2.0))   # exact GELU: 0.5 z (1 + erf(z / sqrt 2))
 MASK_BIAS = np.float32(-10000.0)              # additive score of a padded key, as the reference does
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared kernels: the calling thread and helper threads claim blocks from one counter
+# ---------------------------------------------------------------------------------------------
+# A launch on Numba's workqueue pool wakes sleeping workers, which takes 100-300 us on these
+# 2-core virtual machines, and the caller waits for them: a short sentence's 32 projections paid
+# that 32 times. A shared kernel starts on the calling thread at once, and helper threads
+# (ufcpu/workshare.py) join when they wake: each thread claims the next blocks with an atomic
+# add until none is left, so a helper that wakes late just does less. The caller then waits only
+# for the blocks a helper is still computing. Every block is computed by the same code whichever
+# thread claims it: the result is the same bits with or without helpers.
+# state: int64 [SHARED_SLOTS], zeros, one per call.
+
+SHARED_NEXT = 0      # the next block nobody has claimed
+SHARED_INSIDE = 1    # threads inside the kernel
+SHARED_DONE = 2      # blocks finished, for a kernel whose second sweep needs the whole first
+SHARED_NEXT_2 = 3    # the next block of that second sweep
+SHARED_SLOTS = 4
+
+
+@intrinsic
+def fetch_add(typingctx, array, index, value):
+    """Atomically add `value` to array[index] (an int64 array) -> the value before. Sequentially
+    consistent: what a thread wrote before its fetch_add is seen by a thread after its own."""
+    def codegen(context, builder, signature, args):
+        array_type = signature.args[0]
+        arr = context.make_array(array_type)(context, builder, args[0])
+        ptr = cgutils.get_item_pointer(context, builder, array_type, arr, [args[1]])
+        add = context.cast(builder, args[2], signature.args[2], types.int64)
+        return builder.atomic_rmw("add", ptr, add, "seq_cst")
+    return types.int64(array, index, value), codegen
+
+
+@njit(inline="always", **_JIT)
+def _claim(state, slot, count):
+    """-> the next index below `count` nobody has claimed from this slot, or -1 when none is left"""
+    i = fetch_add(state, slot, 1)
+    return i if i < count else -1
+
+
+@njit(**_JIT)
+def helpers_done(state, spins):
+    """Spin until no thread is inside the kernel, at most `spins` checks -> whether none is."""
+    for _ in range(spins):
+        if fetch_add(state, SHARED_INSIDE, 0) == 0:
+            return True
+    return False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,16 +166,19 @@ def _gelu_row(x, t):
         row[j] = gelu_scalar(row[j])
 
 
-@njit(parallel=True, **_JIT)
-def gelu_(x):  # [T, F] float32, in place
-    for t in prange(x.shape[0]):
-        _gelu_row(x, t)
+ROW_BLOCK = 16   # rows per claim for the row-wise kernels (GELU, LayerNorm)
 
 
 @njit(**_JIT)
-def gelu_serial(x):
-    for t in range(x.shape[0]):
-        _gelu_row(x, t)
+def gelu_(x, state):  # [T, F] float32, in place; shared
+    fetch_add(state, SHARED_INSIDE, 1)
+    blocks = (x.shape[0] + ROW_BLOCK - 1) // ROW_BLOCK
+    b = _claim(state, SHARED_NEXT, blocks)
+    while b >= 0:
+        for t in range(b * ROW_BLOCK, min((b + 1) * ROW_BLOCK, x.shape[0])):
+            _gelu_row(x, t)
+        b = _claim(state, SHARED_NEXT, blocks)
+    fetch_add(state, SHARED_INSIDE, -1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,16 +204,16 @@ def _layer_norm_row(x, w, b, eps, out, t):
         o[j] = (row[j] - mean) * inv * w[j] + b[j]
 
 
-@njit(parallel=True, **_JIT)
-def layer_norm(x, w, b, eps, out):  # [T, H], [H], [H], float, [T, H] -> out
-    for t in prange(x.shape[0]):
-        _layer_norm_row(x, w, b, eps, out, t)
-
-
 @njit(**_JIT)
-def layer_norm_serial(x, w, b, eps, out):
-    for t in range(x.shape[0]):
-        _layer_norm_row(x, w, b, eps, out, t)
+def layer_norm(x, w, b, eps, out, state):  # [T, H], [H], [H], float, [T, H] -> out; shared
+    fetch_add(state, SHARED_INSIDE, 1)
+    blocks = (x.shape[0] + ROW_BLOCK - 1) // ROW_BLOCK
+    blk = _claim(state, SHARED_NEXT, blocks)
+    while blk >= 0:
+        for t in range(blk * ROW_BLOCK, min((blk + 1) * ROW_BLOCK, x.shape[0])):
+            _layer_norm_row(x, w, b, eps, out, t)
+        blk = _claim(state, SHARED_NEXT, blocks)
+    fetch_add(state, SHARED_INSIDE, -1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,57 +276,15 @@ def _softmax_head(scores, key_bias, scale, ba):  # one (sequence, head): [S, S] 
             row[k] *= inv
 
 
-@njit(parallel=True, **_JIT)
-def masked_softmax_(scores, key_bias, scale):  # [B, A, S, S], [B, S] additive, float32 -> in place
-    for ba in prange(scores.shape[0] * scores.shape[1]):
-        _softmax_head(scores, key_bias, scale, ba)
-
-
 @njit(**_JIT)
-def masked_softmax_serial(scores, key_bias, scale):
-    for ba in range(scores.shape[0] * scores.shape[1]):
+def masked_softmax_(scores, key_bias, scale, state):  # [B, A, S, S], [B, S] additive, float32 -> in place; shared
+    fetch_add(state, SHARED_INSIDE, 1)
+    heads = scores.shape[0] * scores.shape[1]
+    ba = _claim(state, SHARED_NEXT, heads)
+    while ba >= 0:
         _softmax_head(scores, key_bias, scale, ba)
-
-
-# ---------------------------------------------------------------------------------------------
-# Shared kernels: the calling thread and helper threads claim blocks from one counter
-# ---------------------------------------------------------------------------------------------
-# A launch on Numba's workqueue pool wakes sleeping workers, which takes 100-300 us on these
-# 2-core virtual machines, and the caller waits for them: a short sentence's 32 projections paid
-# that 32 times. A shared kernel starts on the calling thread at once, and helper threads
-# (ufcpu/workshare.py) join when they wake: each thread claims the next blocks with an atomic
-# add until none is left, so a helper that wakes late just does less. The caller then waits only
-# for the blocks a helper is still computing. Every block is computed by the same code whichever
-# thread claims it: the result is the same bits with or without helpers.
-# state: int64 [SHARED_SLOTS], zeros, one per call.
-
-SHARED_NEXT = 0      # the next block nobody has claimed
-SHARED_INSIDE = 1    # threads inside the kernel
-SHARED_DONE = 2      # blocks finished, for a kernel whose second sweep needs the whole first
-SHARED_NEXT_2 = 3    # the next block of that second sweep
-SHARED_SLOTS = 4
-
-
-@intrinsic
-def fetch_add(typingctx, array, index, value):
-    """Atomically add `value` to array[index] (an int64 array) -> the value before. Sequentially
-    consistent: what a thread wrote before its fetch_add is seen by a thread after its own."""
-    def codegen(context, builder, signature, args):
-        array_type = signature.args[0]
-        arr = context.make_array(array_type)(context, builder, args[0])
-        ptr = cgutils.get_item_pointer(context, builder, array_type, arr, [args[1]])
-        add = context.cast(builder, args[2], signature.args[2], types.int64)
-        return builder.atomic_rmw("add", ptr, add, "seq_cst")
-    return types.int64(array, index, value), codegen
-
-
-@njit(**_JIT)
-def helpers_done(state, spins):
-    """Spin until no thread is inside the kernel, at most `spins` checks -> whether none is."""
-    for _ in range(spins):
-        if fetch_add(state, SHARED_INSIDE, 0) == 0:
-            return True
-    return False
+        ba = _claim(state, SHARED_NEXT, heads)
+    fetch_add(state, SHARED_INSIDE, -1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -363,12 +363,12 @@ def matmul_nt(x, w, out, state):  # x [M, K], w [N, K] -> out [M, N] = x @ w.T; 
     until none is left (see "Shared kernels" below)."""
     fetch_add(state, SHARED_INSIDE, 1)
     blocks = (w.shape[0] + 3) // 4
-    while True:
-        b0 = fetch_add(state, SHARED_NEXT, MATMUL_NT_GRAIN)
-        if b0 >= blocks:
-            break
-        for nb in range(b0, min(b0 + MATMUL_NT_GRAIN, blocks)):
+    grains = (blocks + MATMUL_NT_GRAIN - 1) // MATMUL_NT_GRAIN
+    g = _claim(state, SHARED_NEXT, grains)
+    while g >= 0:
+        for nb in range(g * MATMUL_NT_GRAIN, min((g + 1) * MATMUL_NT_GRAIN, blocks)):
             _matmul_nt_block(x, w, out, nb)
+        g = _claim(state, SHARED_NEXT, grains)
     fetch_add(state, SHARED_INSIDE, -1)
 
 
@@ -451,78 +451,62 @@ def fff_walk(x, w_in, b_in, w_out, depth, out, routes, logits, state):
     """
     fetch_add(state, SHARED_INSIDE, 1)
     tiles = (x.shape[0] + ROUTE_TILE - 1) // ROUTE_TILE
-    while True:
-        tile = fetch_add(state, SHARED_NEXT, 1)
-        if tile >= tiles:
-            break
+    tile = _claim(state, SHARED_NEXT, tiles)
+    while tile >= 0:
         _fff_route_tile(x, w_in, b_in, depth, routes, logits, tile)
         fetch_add(state, SHARED_DONE, 1)
-    while fetch_add(state, SHARED_DONE, 0) < tiles:
+        tile = _claim(state, SHARED_NEXT, tiles)
+    while fetch_add(state, SHARED_DONE, 0) < tiles:   # tiles other threads are still routing
         pass
     blocks = (x.shape[0] + OUTPUT_BLOCK - 1) // OUTPUT_BLOCK
-    while True:
-        b = fetch_add(state, SHARED_NEXT_2, 1)
-        if b >= blocks:
-            break
+    b = _claim(state, SHARED_NEXT_2, blocks)
+    while b >= 0:
         for t in range(b * OUTPUT_BLOCK, min((b + 1) * OUTPUT_BLOCK, x.shape[0])):
             _fff_output(w_out, depth, routes[t], logits[t], out[t])
+        b = _claim(state, SHARED_NEXT_2, blocks)
     fetch_add(state, SHARED_INSIDE, -1)
 
 
 # ---------------------------------------------------------------------------------------------
-# Launching: a kernel's serial build for small inputs, its parallel build above a size
+# Launching: on the calling thread, with helpers above a size
 # ---------------------------------------------------------------------------------------------
-# A launch on Numba's workqueue pool costs 100-300 us on these 2-core virtual machines (its idle
-# workers sleep, and waking them is slow), where one core normalises a whole sentence in 8 us.
-# So every parallel kernel has a serial twin, used at one thread and below the size (elements of
-# the first argument) from which the pool paid off, measured with 768-wide rows, 2 threads and a
-# BLAS product before every launch as in the forward pass (bench/README.md, "Threads"):
-#   LayerNorm: serial faster at every size tried, up to 2048 rows (658 vs 1196 us)
-#   softmax: serial faster up to 1 x 12 heads x 128 x 128 scores, parallel from 2 x 12 x 128 x 128
-#     in two runs of three (0.39 vs 0.55 ms), serial in the third
-#   GELU (the dense baselines of bench/ only): parallel from 64 rows of 3072
+# Offering a share costs the caller a queue put; a helper that wakes for a kernel too small to
+# split only takes CPU from the caller's next step. Helpers are offered a share from the size
+# (elements of the first argument) where they paid off, measured with 2 threads and a BLAS
+# product before every call as in the forward pass (`python bench/kernels.py`):
+#   matmul_nt: from 2 tokens. One 15-token sentence, p50 of 200 forwards: 15-17 ms shared,
+#     24 ms on one thread, 18-26 ms as a prange on Numba's workqueue pool.
+#   FFF walk: from 32 tokens (11 tokens: 19 us alone, 23 us with helpers; 64: 102 vs 84 us).
 
-_TWINS = {  # parallel kernel -> (serial twin, first-argument size from which the pool is used)
-    layer_norm: (layer_norm_serial, 8192 * 768),
-    masked_softmax_: (masked_softmax_serial, 2 * 12 * 128 * 128),
-    gelu_: (gelu_serial, 64 * 3072),
-}
-
-# shared kernel -> first-argument size from which helper threads are offered a share:
-#   matmul_nt: from 2 tokens. One 15-token sentence at 2 threads, p50 over 200 forwards: 15-17 ms
-#     shared, 24 ms on one thread, 18-26 ms as a prange on the workqueue pool.
-_SHARED = {
+_SHARED = {  # kernel -> first-argument size from which helpers are offered a share
     matmul_nt: 2 * 768,
     fff_walk: 32 * 768,
+    layer_norm: 256 * 768,
+    masked_softmax_: 12 * 128 * 128,
+    gelu_: 16 * 3072,
 }
 
 _SPINS = 1 << 12   # checks between yields while a helper finishes its last block
+_local = threading.local()
 
 
 def run(kernel, *args):
-    """Run a kernel: a shared kernel on this thread with helpers joining (see "Shared kernels");
-    any other as its serial twin when that is faster, else its parallel build, one launch at a
-    time per process (see the module docstring)."""
-    threads = numba.get_num_threads()
-    if kernel in _SHARED:
-        state = np.zeros(SHARED_SLOTS, np.int64)
-        if threads == 1 or args[0].size < _SHARED[kernel]:
-            return kernel(*args, state)
-        workshare.offer(kernel, args + (state,), threads - 1)
-        kernel(*args, state)
-        while not helpers_done(state, _SPINS):
-            os.sched_yield()
-        return None
-    serial, parallel_from = _TWINS[kernel]
-    if args[0].size < parallel_from or threads == 1:
-        return serial(*args)
-    with _LAUNCH_LOCK:
-        return kernel(*args)
+    """kernel(*args) on this thread, with `threads() - 1` helper threads offered a share when
+    the input is large enough (see "Shared kernels")."""
+    state = np.zeros(SHARED_SLOTS, np.int64)
+    n = threads()
+    if n == 1 or args[0].size < _SHARED[kernel]:
+        return kernel(*args, state)
+    workshare.offer(kernel, args + (state,), n - 1)
+    kernel(*args, state)
+    while not helpers_done(state, _SPINS):
+        os.sched_yield()
+    return None
 
 
 def _example_calls() -> dict:
-    """kernel -> tiny arguments of every type combination the engine passes: weights are
-    read-only views into a memory map, activations are writable."""
+    """kernel -> tiny arguments (without the state) of every type combination the engine
+    passes: weights are read-only views into a memory map, activations are writable."""
     f32 = np.float32
     x = np.ones((2, 4), f32)
 
@@ -535,26 +519,30 @@ def _example_calls() -> dict:
         gelu_: [(np.ones((2, 4), f32),)],
         layer_norm: [(x, k(np.ones(4, f32)), k(np.zeros(4, f32)), f32(1e-12), np.empty_like(x)) for k in kinds],
         masked_softmax_: [(np.ones((1, 1, 2, 2), f32), np.zeros((1, 2), f32), f32(1.0))],
-        matmul_nt: [(x, k(np.ones((3, 4), f32)), np.empty((2, 3), f32), np.zeros(SHARED_SLOTS, np.int64))
-                    for k in kinds],
+        matmul_nt: [(x, k(np.ones((3, 4), f32)), np.empty((2, 3), f32)) for k in kinds],
         fff_walk: [(x, k(np.ones((3, 4), f32)), k(np.zeros(3, f32)), k(np.ones((3, 4), f32)), 1,
-                    np.empty_like(x), np.empty((2, 2), np.int32), np.empty((2, 2), f32),
-                    np.zeros(SHARED_SLOTS, np.int64)) for k in kinds],
+                    np.empty_like(x), np.empty((2, 2), np.int32), np.empty((2, 2), f32)) for k in kinds],
     }
 
 
 def warmup() -> None:
-    """Compile (or load from the cache) both builds of every kernel."""
+    """Compile (or load from the cache) every kernel."""
     for kernel, calls in _example_calls().items():
-        for build in (kernel,) + ((_TWINS[kernel][0],) if kernel in _TWINS else ()):
-            for args in calls:
-                build(*args)
+        for args in calls:
+            kernel(*args, np.zeros(SHARED_SLOTS, np.int64))
     helpers_done(np.zeros(SHARED_SLOTS, np.int64), 1)
 
 
 def set_threads(n: int) -> None:
-    numba.set_num_threads(n)
+    """Threads (the caller and n - 1 helpers) for kernels run from the calling Python thread;
+    each Python thread has its own setting, as each model call applies its model's."""
+    _local.threads = n
+
+
+def threads() -> int:
+    return getattr(_local, "threads", max_threads())
 
 
 def max_threads() -> int:
+    """NUMBA_NUM_THREADS if set, else the machine's CPU count (Numba's reading of both)."""
     return numba.config.NUMBA_NUM_THREADS
