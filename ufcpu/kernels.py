@@ -383,31 +383,59 @@ def matmul_nt(x, w, out, state):  # x [M, K], w [N, K] -> out [M, N] = x @ w.T; 
 # tokens on one hot layer 46 vs 63-72 ms at 1 thread and 24 vs 36 ms at 2 threads; 2048 tokens
 # 7.2 vs 9.3 ms (bench/README.md).
 
-ROUTE_TILE = 16   # tokens whose routes advance one level at a time together
+ROUTE_TILE = 16   # tokens whose routes advance together
+
+
+@njit(inline="always", **_JIT)
+def _route_step(x, w_in, b_in, depth, routes, logits, t, level):
+    """Token t's logit at `level` and at `level + 1`, in one pass over its row: the node's dot
+    product and both children's (rows 2n+1 and 2n+2, adjacent in memory). The child's row is
+    read while the node's is, instead of after a round trip to memory for z: 1.5x the FMAs for
+    half the dependent waits (16 layers cycled, 128 tokens: 0.51 vs 0.57 ms per layer for the
+    walk, 2048 tokens 4.7 vs 5.1 ms; one hot layer unchanged; the routes and logits came out the
+    same bits as one level at a time)."""
+    node = routes[t, level]
+    y = x[t]
+    if level == depth:          # the leaf level: one row
+        w0 = w_in[node]
+        z0 = b_in[node]
+        for j in range(y.shape[0]):
+            z0 += w0[j] * y[j]
+        logits[t, level] = z0
+        return
+    left = 2 * node + 1
+    w0, w1, w2 = w_in[node], w_in[left], w_in[left + 1]
+    z0, z1, z2 = b_in[node], b_in[left], b_in[left + 1]
+    for j in range(y.shape[0]):
+        v = y[j]
+        z0 += w0[j] * v
+        z1 += w1[j] * v
+        z2 += w2[j] * v
+    right = z0 > np.float32(0.0)     # strict >: right only if z > 0
+    child = left + 1 if right else left
+    z = z2 if right else z1
+    logits[t, level] = z0
+    routes[t, level + 1] = child
+    logits[t, level + 1] = z
+    if level + 1 < depth:
+        routes[t, level + 2] = 2 * child + 1 + (1 if z > np.float32(0.0) else 0)
 
 
 @njit(**_JIT)
 def _fff_route_tile(x, w_in, b_in, depth, routes, logits, tile):
     """The paths of tokens [16 tile, 16 tile + 16): node ids and logits z, root first (heap order:
-    children 2n+1, 2n+2). Level by level across the tile, so the row loads of different tokens
-    are independent and overlap; one token at a time, each load waits for the previous level's
-    z (16 layers cycled, 128 tokens: 0.36 vs 0.42 ms for this sweep)."""
+    children 2n+1, 2n+2). Two levels at a time across the tile, so the row loads of different
+    tokens are independent and overlap; one token at a time, each load waits for the previous
+    level's z (16 layers cycled, 128 tokens: 0.36 vs 0.42 ms for this sweep)."""
     t0 = tile * ROUTE_TILE
     t1 = min(t0 + ROUTE_TILE, x.shape[0])
-    h = x.shape[1]
     for t in range(t0, t1):
         routes[t, 0] = 0
-    for level in range(depth + 1):
+    level = 0
+    while level <= depth:
         for t in range(t0, t1):
-            node = routes[t, level]
-            wrow = w_in[node]
-            y = x[t]
-            z = b_in[node]
-            for j in range(h):
-                z += wrow[j] * y[j]
-            logits[t, level] = z
-            if level < depth:   # strict >: right only if z > 0
-                routes[t, level + 1] = 2 * node + 1 + (1 if z > np.float32(0.0) else 0)
+            _route_step(x, w_in, b_in, depth, routes, logits, t, level)
+        level += 2
 
 
 @njit(**_JIT)
