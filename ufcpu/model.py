@@ -53,8 +53,10 @@ def key_bias(mask: np.ndarray) -> np.ndarray:  # [B, S] of 0/1 -> [B, S] additiv
 
 
 # Up to this many tokens a projection runs in kernels.matmul_nt, beyond it in OpenBLAS, which
-# wins on large products; one token is a GEMV, where OpenBLAS wins too (bench/README.md).
-SMALL_PRODUCT_TOKENS = 64
+# wins on large products; one token is a GEMV, where OpenBLAS wins too (bench/README.md). At 2
+# threads, weights streamed from memory: 128 x 768 @ 768 x 2304 in 2.5 ms against 2.9 ms, 256
+# tokens a tie (`python bench/kernels.py`); a 1 x 128 forward 81-83 ms against 88-112 ms with 64.
+SMALL_PRODUCT_TOKENS = 128
 
 
 def linear(x: np.ndarray, w: np.ndarray) -> np.ndarray:  # [M, K], [N, K] (as torch's Linear) -> [M, N]
