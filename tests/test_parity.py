@@ -133,3 +133,23 @@ def test_dense_masked_feedforward_matches_reference():
     real = d["attention_mask"].astype(bool)
     h = dense.hidden_states(d["input_ids"], d["attention_mask"])
     assert np.abs(h - d["final_hidden"])[real].max() <= ATOL
+
+
+@pytest.mark.parametrize("name", ALL_FIXTURES)
+def test_every_layer_matches_with_helpers_at_every_size(name, monkeypatch):
+    """The fixtures are far below the sizes from which kernels and attention heads are shared
+    with helper threads: force both, with two threads, and check parity again."""
+    from ufcpu import kernels
+    monkeypatch.setattr(fwd, "SHARED_ATTENTION_SCORES", 1)
+    for kernel in list(kernels._SHARED):
+        monkeypatch.setitem(kernels._SHARED, kernel, 1)
+    kernels.set_threads(2)
+    try:
+        m, d, tr = _trace(name)
+    finally:
+        kernels.set_threads(kernels.max_threads())
+    real = d["attention_mask"].astype(bool)
+    for layer in range(m.config.layers):
+        diff = np.abs(tr["layer_out"][layer] - d["layer_out"][layer])[real].max()
+        assert diff <= ATOL, f"layer {layer}: max abs diff {diff}"
+    assert np.abs(tr["final_hidden"] - d["final_hidden"])[real].max() <= ATOL

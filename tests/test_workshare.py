@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import threading
 
+import pytest
+
 from ufcpu import workshare
 
 
@@ -57,3 +59,26 @@ def test_backlog_is_bounded():
         workshare.offer(lambda: None, (), 1)
     assert workshare._tasks.qsize() <= max(1, busy)
     gate.set()
+
+
+def test_share_items_calls_each_item_once():
+    seen = []
+    lock = threading.Lock()
+
+    def item(i):
+        with lock:
+            seen.append(i)
+
+    for helpers in (0, 1, 3):
+        seen.clear()
+        workshare.share_items(item, 50, helpers)
+        assert sorted(seen) == list(range(50))
+
+
+def test_share_items_raises_what_an_item_raised():
+    def item(i):
+        if i == 7:
+            raise ValueError("item 7")
+
+    with pytest.raises(ValueError, match="item 7"):
+        workshare.share_items(item, 20, 1)

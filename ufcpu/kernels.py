@@ -532,6 +532,11 @@ def run(kernel, *args):
     return None
 
 
+def run_here(kernel, *args):
+    """kernel(*args) on the calling thread alone (work already split among threads)."""
+    return kernel(*args, np.zeros(SHARED_SLOTS, np.int64))
+
+
 def _example_calls() -> dict:
     """kernel -> tiny arguments (without the state) of every type combination the engine
     passes: weights are read-only views into a memory map, activations are writable."""

@@ -13,6 +13,7 @@ this works when ufcpu is imported first, and `blas_workers_sleep()` says whether
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import os
@@ -70,6 +71,23 @@ def set_threads(n: int | None) -> int:
     if lib:
         lib[0](n)
     return n
+
+
+@contextlib.contextmanager
+def blas_single_threaded():
+    """OpenBLAS on one thread inside the block, for small products that ufcpu's own threads run
+    side by side; afterwards the calling thread's setting (`kernels.threads()`), which is what
+    `set_threads` gave OpenBLAS. OpenBLAS's count is process-wide: a product another Python
+    thread runs meanwhile may run on one thread too (the same result, later)."""
+    lib = _openblas()
+    if lib is None:
+        yield
+        return
+    lib[0](1)
+    try:
+        yield
+    finally:
+        lib[0](kernels.threads())
 
 
 def blas_workers_sleep() -> bool:
