@@ -71,10 +71,10 @@ def linear(x: np.ndarray, w: np.ndarray) -> np.ndarray:  # [M, K], [N, K] (as to
 # From this many scores (sequences x heads x S x S), the heads of a self-attention are shared
 # with helper threads, each head's products on one BLAS thread: OpenBLAS's own threads, woken for
 # each of these small products, made them slower at 2 threads than at 1. Per call at 2 threads,
-# a GEMM before each: 1 x 128 tokens 0.73 ms shared against 1.11 ms batched, 8 x 128 4.7 against
-# 7.6 ms, 1 x 96 0.54 against 0.73 ms; below, a dozen NumPy calls per head cost more than they
-# save (1 x 64: 0.46 against 0.33 ms).
-SHARED_ATTENTION_SCORES = 12 * 96 * 96
+# a GEMM before each: 8 x 128 tokens 4.7 ms shared against 7.6 ms batched, 1 x 128 0.73 against
+# 1.11 ms, 16 x 20 0.84 against 1.1 ms; below, a dozen NumPy calls per head cost more than they
+# save (1 x 80: 0.56 against 0.51 ms, 4 x 32: 0.54-0.61 against 0.49-0.50 ms).
+SHARED_ATTENTION_SCORES = 1 << 16
 
 
 def self_attention(qkv: np.ndarray, bias: np.ndarray, layer: Layer, cfg: Config) -> np.ndarray:
