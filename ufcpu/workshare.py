@@ -1,12 +1,15 @@
-"""Helper threads that join a shared kernel the calling thread has already started.
+"""Helper threads that join work the calling thread has already started.
 
-A shared kernel (ufcpu/kernels.py, "Shared kernels") splits its work into blocks that any thread
-running it claims from one atomic counter. `offer` hands the call to up to `count` helper threads
-and returns at once; the caller then runs the kernel itself. A helper that wakes late finds fewer
-blocks, or none, and returns: nobody ever waits for a thread to wake up.
+- A shared kernel (ufcpu/kernels.py, "Shared kernels") splits its work into blocks that any
+  thread running it claims from one atomic counter. `offer` hands the call to up to `count`
+  helper threads and returns at once; the caller then runs the kernel itself.
+- `share_items` does the same for Python work made of independent items (the heads of an
+  attention: NumPy products and a Numba kernel each, which release the GIL).
 
-The helpers are plain Python threads blocked on a queue. The kernels release the GIL
-(`nogil=True`), so a helper computes while the caller does. After a fork the child starts with no
+A helper that wakes late finds fewer blocks or items, or none, and returns: nobody ever waits for
+a thread to wake up, only for work a helper has already taken.
+
+The helpers are plain Python threads blocked on a queue. After a fork the child starts with no
 helpers (a forked process has only the thread that forked) and creates its own when first asked.
 """
 from __future__ import annotations
