@@ -467,7 +467,8 @@ def markdown(results: list[dict], rows: list[Row], skipped: dict, cfg, workloads
         parts = ("projections", "attention_other", "softmax", "layer_norm", "fff_walk", "other")
         out += ["## Where ufcpu-fff spends its time", "",
                 "One instrumented run per case; shares of wall-clock. projections = the QKV and output "
-                "products; attention_other = the score and context products and reshapes; other = "
+                "products; attention_other = the score and context products and reshapes (and the "
+                "softmax, when the heads are shared between threads: from 65536 scores); other = "
                 "embedding, residual adds, mask, Python.", ""]
         out.append(common.md_table(["threads", "case", "total ms"] + list(parts),
                                    [[r["threads"], case, fmt(b["total_ms"])]
