@@ -4,7 +4,7 @@ The format: 8 bytes little-endian header length N, N bytes of JSON
 `{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}`, then the data,
 offsets relative to the end of the header. We parse it ourselves (rather than through
 `safetensors.numpy.load_file`) so that every tensor is a zero-copy view into one read-only
-`np.memmap` (start-up costs no copy, and processes share the pages), and so that a corrupted
+memory map (start-up costs no copy, and processes share the pages), and so that a corrupted
 file is refused with a message before any kernel indexes into it.
 
 Not checked here: what the numbers are (NaN/inf: `weights.check_finite`, on request), and files
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import struct
 from pathlib import Path
@@ -137,12 +138,28 @@ def _check_entries(path: Path, header: dict, data_len: int) -> None:
             raise CheckpointError(f"{path}: tensors {_name(n0)} and {_name(n1)} overlap")
 
 
+def map_read_only(path: str | Path) -> np.ndarray:
+    """The whole file as a read-only uint8 array over one shared memory map. Huge pages are
+    asked for (MADV_HUGEPAGE, where the OS has it): when the file is first read through this
+    map, Linux can then fill the page cache with 2 MB pages and map them whole, and a tree walk
+    that touches rows all over 25 MB of weights per layer misses the TLB less. 128 tokens through
+    16 layers: 0.53 against 0.56 ms per layer for the walk. Pages already cached stay as they are."""
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        try:
+            mm.madvise(mmap.MADV_HUGEPAGE)
+        except OSError:   # a kernel without transparent huge pages for files: nothing lost
+            pass
+    return np.frombuffer(mm, np.uint8)
+
+
 def open_tensors(path: str | Path) -> dict[str, np.ndarray]:
     """name -> read-only array view into one memory map of the file (no copy)."""
     header, start, size = read_header(path)
     if size > start:
         try:
-            mm = np.memmap(path, dtype=np.uint8, mode="r")
+            mm = map_read_only(path)
         except (OSError, ValueError) as e:
             raise CheckpointError(f"{path}: cannot map the file: {e}") from None
         if mm.shape[0] != size:
