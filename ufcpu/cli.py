@@ -42,7 +42,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", default=None,
                    help="Hub id, Hub-layout folder or converted folder (default: pbelcak/UltraFastBERT-1x11-long)")
     p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
-    p.add_argument("--threads", type=positive_int, default=None, help="threads for BLAS and Numba (default: all cores)")
+    p.add_argument("--threads", type=positive_int, default=None, help="threads for BLAS and the kernels (default: all cores)")
     p.add_argument("--check", action="store_true", help="scan every weight for NaN/inf at load")
 
 

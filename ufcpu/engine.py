@@ -30,7 +30,7 @@ def load(name_or_path: str | Path | None = None, revision: str | None = None,
     folder or a converted engine folder. The first load of a checkpoint converts it into the
     cache; later loads map the converted weights directly.
 
-    threads: threads for both NumPy's BLAS and Numba (default: all cores).
+    threads: threads for both NumPy's BLAS and ufcpu's kernels (default: all cores).
     check: also scan every weight for NaN/inf (reads the whole file once).
     ffn: "fff" (the tree walk) or "dense-masked" (all nodes computed and masked, as the published
          code does: same results, for comparison only).
@@ -109,7 +109,7 @@ class Model:
         return self._forward(ids, mask)
 
     def _forward(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        # Numba's thread count is per calling thread: apply this model's setting in every thread.
+        # The kernels' thread count is per calling thread: apply this model's setting in every thread.
         kernels.set_threads(self.threads)
         return fwd.encoder(ids, mask, self.weights, self.config, self.ffn)
 

@@ -1,10 +1,10 @@
-"""One `threads` setting for both thread pools: NumPy's BLAS (OpenBLAS) and Numba's.
+"""One `threads` setting for both kinds of threads: NumPy's BLAS (OpenBLAS) and ufcpu's own, the
+caller plus helper threads that join the Numba kernels (kernels.set_threads, ufcpu/workshare.py).
 
-The two pools never run at the same time in the forward pass (GEMM, then a kernel, then GEMM),
-but both must be told the same limit, or `--threads 1` would still use every core in the GEMMs.
-OpenBLAS is found among the loaded shared libraries (as threadpoolctl does, without depending
-on it); if it cannot be found (another BLAS), only Numba's pool is set and `blas_threads()`
-says None.
+The two never run at the same time in the forward pass (GEMM, then a kernel, then GEMM), but both
+must be told the same limit, or `--threads 1` would still use every core in the GEMMs. OpenBLAS
+is found among the loaded shared libraries (as threadpoolctl does, without depending on it); if
+it cannot be found (another BLAS), only ufcpu's setting applies and `blas_threads()` says None.
 
 OpenBLAS's idle workers spin for about 0.1 s after every product, on the cores a Numba kernel
 launched next needs: after a GEMM, a 2-thread FFF walk of 16384 tokens took 58 ms instead of 33.
@@ -59,7 +59,8 @@ def available() -> int:
 
 
 def set_threads(n: int | None) -> int:
-    """Use n threads in both pools (None: every core Numba may use). -> the number set."""
+    """Use n threads for OpenBLAS and the kernels (None: every core, or NUMBA_NUM_THREADS).
+    -> the number set."""
     top = available()
     if n is None:
         n = top
@@ -92,7 +93,7 @@ def blas_single_threaded():
 
 def blas_workers_sleep() -> bool:
     """Whether OpenBLAS was loaded after ufcpu set OPENBLAS_THREAD_TIMEOUT (or the user set it):
-    then its idle workers sleep at once instead of spinning next to Numba's (ufcpu/__init__.py)."""
+    then its idle workers sleep at once instead of spinning next to ufcpu's (ufcpu/__init__.py)."""
     import ufcpu
     return ufcpu.BLAS_SPIN_SETTLED
 
