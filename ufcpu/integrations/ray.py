@@ -81,7 +81,7 @@ class RayEncoder:
     output_column: the column to add (default "embedding").
     batch_size: texts per forward pass inside a Ray batch (Ray's own batch_size says how many rows
                a call gets; the call sorts them by length and encodes them batch_size at a time).
-    threads:   threads for BLAS and Numba in this actor; default: the CPUs Ray assigned to the
+    threads:   threads for BLAS and the kernels in this actor; default: the CPUs Ray assigned to the
                actor (map_batches(num_cpus=N)), so N actors x num_cpus never oversubscribe a node.
     """
 
