@@ -620,7 +620,7 @@ def main(argv: list[str] | None = None) -> int:
         "workloads": {k: {"what": w["what"], "tokens": w["tokens"], "padded_tokens": w["padded_tokens"],
                           "batch_shapes": [list(ids.shape) for ids, _ in w["batches"]]} for k, w in workloads.items()},
         "sentence": {"text": SENTENCE, "tokens": meta["sentence_tokens"]},
-        "thread_control": {"ufcpu": "ufcpu.threads.set_threads(n) (OpenBLAS + Numba)",
+        "thread_control": {"ufcpu": "ufcpu.threads.set_threads(n) (OpenBLAS + ufcpu's helper threads)",
                            "onnxruntime": "intra_op_num_threads=n, inter_op_num_threads=1, sequential",
                            "torch": "torch.set_num_threads(n)"},
         "isolation": "one process per (row, threads)" if not args.smoke else f"process groups {SMOKE_GROUPS} (smoke)",
