@@ -35,3 +35,20 @@ def test_reported_when_numpy_came_first():
 @pytest.mark.parametrize("first", ["", "import numpy"])
 def test_the_users_value_is_kept(first):
     assert probe(first, OPENBLAS_THREAD_TIMEOUT="12") == {"timeout": "12", "sleep": True}
+
+
+def test_blas_single_threaded_then_back_to_the_callers_setting():
+    from ufcpu import kernels, threads
+    if threads.blas_threads() is None:
+        pytest.skip("OpenBLAS not found among the loaded libraries")
+    n = threads.set_threads(None)
+    try:
+        with threads.blas_single_threaded():
+            assert threads.blas_threads() == 1
+        assert threads.blas_threads() == kernels.threads() == n
+        with pytest.raises(RuntimeError):
+            with threads.blas_single_threaded():
+                raise RuntimeError("inside")
+        assert threads.blas_threads() == n
+    finally:
+        threads.set_threads(None)
