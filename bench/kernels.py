@@ -82,7 +82,7 @@ def measure_shared(token_counts, repeats: int, rng) -> list[dict]:
         for name, (kernel, args) in shared_cases(t, rng, tree).items():
             if name == "matmul_nt" and t > fwd.SMALL_PRODUCT_TOKENS:
                 continue
-            alone = per_call_us(lambda: kernel(*args, np.zeros(kernels.SHARED_SLOTS, np.int64)), gemm, repeats)
+            alone = per_call_us(lambda: kernels.run_here(kernel, *args), gemm, repeats)
             shared = per_call_us(lambda: kernels.run(kernel, *args), gemm, repeats)
             helped = args[0].size >= kernels._SHARED[kernel]
             rows.append({"kernel": name, "tokens": t, "alone_us": alone, "shared_us": shared,

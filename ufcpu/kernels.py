@@ -358,9 +358,9 @@ MATMUL_NT_GRAIN = 4   # blocks per claim: 16 output columns, one 64-byte line of
 
 
 @njit(**_JIT)
-def matmul_nt(x, w, out, state):  # x [M, K], w [N, K] -> out [M, N] = x @ w.T; state: see `shared`
-    """A shared kernel: every thread that runs it with the same `state` claims blocks of rows
-    until none is left (see "Shared kernels" below)."""
+def matmul_nt(x, w, out, state):  # x [M, K], w [N, K] -> out [M, N] = x @ w.T; shared
+    """Every thread that runs it with the same `state` claims grains of weight rows until none
+    is left (see "Shared kernels")."""
     fetch_add(state, SHARED_INSIDE, 1)
     blocks = (w.shape[0] + 3) // 4
     grains = (blocks + MATMUL_NT_GRAIN - 1) // MATMUL_NT_GRAIN
@@ -505,6 +505,9 @@ def fff_walk(x, w_in, b_in, w_out, depth, out, routes, logits, state):
 #   matmul_nt: from 2 tokens. One 15-token sentence, p50 of 200 forwards: 15-17 ms shared,
 #     24 ms on one thread, 18-26 ms as a prange on Numba's workqueue pool.
 #   FFF walk: from 32 tokens (11 tokens: 19 us alone, 23 us with helpers; 64: 102 vs 84 us).
+#   softmax: from one 128-token sequence (273 vs 187 us; 64 tokens: 70-71 vs 71-89 us).
+#   LayerNorm: from 256 rows, where helpers gain a little (1024 rows: 337 vs 321 us).
+#   GELU (the dense baselines of bench/ only): from 16 rows of 3072.
 
 _SHARED = {  # kernel -> first-argument size from which helpers are offered a share
     matmul_nt: 2 * 768,
@@ -521,10 +524,10 @@ _local = threading.local()
 def run(kernel, *args):
     """kernel(*args) on this thread, with `threads() - 1` helper threads offered a share when
     the input is large enough (see "Shared kernels")."""
-    state = np.zeros(SHARED_SLOTS, np.int64)
     n = threads()
     if n == 1 or args[0].size < _SHARED[kernel]:
-        return kernel(*args, state)
+        return run_here(kernel, *args)
+    state = np.zeros(SHARED_SLOTS, np.int64)
     workshare.offer(kernel, args + (state,), n - 1)
     kernel(*args, state)
     while not helpers_done(state, _SPINS):
