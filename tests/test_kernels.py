@@ -61,6 +61,23 @@ def test_fff_walk_matches_naive(t, h, depth):
         assert len({tuple(r) for r in routes}) > 1
 
 
+@pytest.mark.parametrize("t,depth", [(7, 5), (35, 6)])
+def test_fff_walk_token_independent_of_its_batch(t, depth):
+    """The route sweep computes two tokens per pass (a lone last token with itself): a token's
+    route, logits and output are the same bits alone, in any batch and at any position."""
+    rng = np.random.default_rng(t)
+    x, w_in, b_in, w_out = random_tree(rng, t, 48, depth)
+    whole = fwd.fff(x, w_in, b_in, w_out, depth)
+    shifted = fwd.fff(x[1:], w_in, b_in, w_out, depth)   # every pair regrouped
+    for i in range(t):
+        alone = fwd.fff(x[i:i + 1], w_in, b_in, w_out, depth)
+        for got, one in zip(whole, alone):
+            np.testing.assert_array_equal(got[i], one[0])
+        if i:
+            for got, one in zip(shifted, alone):
+                np.testing.assert_array_equal(got[i - 1], one[0])
+
+
 def test_fff_routes_right_only_when_z_positive():
     """z == 0 exactly goes left (strict >)."""
     h, depth = 4, 2
