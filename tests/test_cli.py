@@ -41,6 +41,11 @@ def test_console_script_installed():
     assert p.returncode == 0 and p.stdout.startswith("ufcpu ")
 
 
+def test_python_dash_m_runs_the_command():
+    p = subprocess.run([sys.executable, "-m", "ufcpu", "--version"], capture_output=True, text=True)
+    assert p.returncode == 0 and p.stdout.startswith("ufcpu ")
+
+
 def test_encode_json_matches_library():
     texts = ["hello world", "fast feedforward"]
     out, _, _ = run("encode", "-m", MODEL, *texts)
