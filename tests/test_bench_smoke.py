@@ -86,3 +86,13 @@ def test_kernels_smoke(tmp_path):
     assert {r["kernel"] for r in res["shared"]} == {"layer_norm", "masked_softmax_", "gelu_", "fff_walk", "matmul_nt"}
     assert all(r["alone_us"] > 0 and r["shared_us"] > 0 for r in res["shared"])
     assert {r["linear_uses"] for r in res["products"]} == {"matmul_nt"}   # 2 and 11 tokens
+
+
+def test_narrow_weights_smoke(tmp_path):
+    res = _run("narrow_weights", tmp_path)
+    rows = {r["weights"]: r for r in res["rows"]}
+    assert set(rows) == {"float32", "float16", "bfloat16"}
+    assert rows["float32"]["max_abs"] <= res["tolerance"]           # the engine as it is keeps parity
+    # rounding the FFF matrices moves the outputs: the table reports how far
+    assert rows["float16"]["max_abs"] > rows["float32"]["max_abs"]
+    assert rows["bfloat16"]["max_abs"] > rows["float16"]["max_abs"]
