@@ -42,11 +42,13 @@ def test_ff_layer_smoke(tmp_path):
     _machine_recorded(res)
     impls = {p["impl"] for p in res["points"]}
     assert impls == {"fff", "dense-equal", "dense-crammed"}
-    assert {r["case"] for r in res["rows"]} == {"hot", "cycled"}
+    assert {r["case"] for r in res["rows"]} == {"hot", "cycled", "paper"}
     assert all(r["fff_ms"] > 0 and r["fff_floor_ms"] > 0 for r in res["rows"])
     # real routing: many tokens spread over more than one node per level below the root
     big = max(res["sizes"]["tokens"])
     assert res["routing_distinct_nodes_per_level"]["hot"][str(big)][-1] > 1
+    # the paper's setup (all zeros): every token on the same path, one node per level
+    assert res["routing_distinct_nodes_per_level"]["paper"][str(big)] == [1.0] * (res["sizes"]["depth"] + 1)
     assert (tmp_path / "ff_layer.png").is_file() == _installed("matplotlib")
 
 
