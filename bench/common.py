@@ -408,3 +408,14 @@ def parse_ints(s: str) -> tuple[int, ...]:
 def log(msg: str) -> None:
     """Progress on stderr, so stdout stays the summary."""
     print(msg, file=sys.stderr, flush=True)
+
+
+def run_main(main: Callable[[], int]) -> int:
+    """A benchmark's exit code: a checkpoint that cannot be loaded (a bad --model) is one line on
+    stderr and exit code 2, as in the `ufcpu` command, not a traceback."""
+    from ufcpu.errors import UfcpuError
+    try:
+        return main()
+    except UfcpuError as e:
+        print(f"{Path(sys.argv[0]).name}: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2

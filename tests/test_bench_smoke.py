@@ -98,3 +98,11 @@ def test_narrow_weights_smoke(tmp_path):
     # rounding the FFF matrices moves the outputs: the table reports how far
     assert rows["float16"]["max_abs"] > rows["float32"]["max_abs"]
     assert rows["bfloat16"]["max_abs"] > rows["float16"]["max_abs"]
+
+
+def test_bad_model_is_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, str(BENCH / "ff_layer.py"), "--smoke", "--out", str(tmp_path),
+                           "--model", str(tmp_path / "missing")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("ff_layer.py: error: ") and "missing" in lines[0], proc.stderr
