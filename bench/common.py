@@ -148,9 +148,10 @@ def _stream_sum():
 
 def stream_bandwidth(nbytes: int, passes: int = 5) -> float:
     """Best observed read bandwidth in GB/s over an array of `nbytes` (as many threads as
-    ufcpu's setting in this thread). A working set larger than the last-level cache measures DRAM streaming; one the
-    size of a layer's weights measures the cache the hot case runs from. The best pass is taken
-    because the result is used as a floor: an optimistic bandwidth makes a conservative floor."""
+    ufcpu's setting in this thread). A working set larger than the last-level cache measures DRAM
+    streaming; one the size of a layer's weights measures the cache the hot case runs from. The
+    best pass is taken because the result is used as a floor: an optimistic bandwidth makes a
+    conservative floor."""
     import numba
     from ufcpu import kernels
     numba.set_num_threads(min(kernels.threads(), numba.config.NUMBA_NUM_THREADS))   # ufcpu's setting

@@ -181,6 +181,13 @@ def length_groups(lengths: np.ndarray) -> list[tuple[int, int, int]]:
     return groups
 
 
+def unpack(real: np.ndarray, tokens: np.ndarray) -> np.ndarray:  # [B, S] bool, [T, ...] -> [B, S, ...]
+    """Per-token values of a packed batch back at their positions, zeros at padded ones."""
+    full = np.zeros(real.shape + tokens.shape[1:], tokens.dtype)
+    full[real] = tokens
+    return full
+
+
 def attention_packed(h: np.ndarray, groups, layer: Layer, cfg: Config) -> np.ndarray:  # [T, H] -> [T, H]
     qkv = linear(h, layer.qkv)                                            # [T, 3H]
     ctx = np.empty_like(h)
@@ -219,18 +226,13 @@ def _layers_padded(x, mask, _, w: Weights, cfg: Config, ffn, on_layer) -> np.nda
 def _layers_packed(x, mask, lengths, w: Weights, cfg: Config, ffn, on_layer) -> np.ndarray:  # [B, S, H] -> [B, S, H]
     real = mask.astype(bool)
     groups = length_groups(lengths)
-
-    def unpack(tokens):  # [T, H] -> [B, S, H], zeros at padded positions
-        full = np.zeros(real.shape + (cfg.hidden,), f32)
-        full[real] = tokens
-        return full
     attend = lambda h, layer, cfg: attention_packed(h, groups, layer, cfg)  # noqa: E731
     x = x[real]                                                            # [T, H]
     for layer in w.layers:
         x = block(x, attend, layer, cfg, ffn)
         if on_layer:
-            on_layer(unpack(x))
-    return unpack(layer_norm(x, w.final_ln_w, w.final_ln_b, cfg.norm_eps))
+            on_layer(unpack(real, x))
+    return unpack(real, layer_norm(x, w.final_ln_w, w.final_ln_b, cfg.norm_eps))
 
 
 def encoder_trace(ids: np.ndarray, mask: np.ndarray, w: Weights, cfg: Config) -> dict[str, np.ndarray]:
@@ -244,11 +246,7 @@ def encoder_trace(ids: np.ndarray, mask: np.ndarray, w: Weights, cfg: Config) ->
     def recording_fff(h, layer, cfg):
         out, routes, logits = fff(h.reshape(-1, cfg.hidden), layer.w_in, layer.b_in, layer.w_out, cfg.depth)
         for key, v in (("routes", routes), ("route_logits", logits)):
-            if packed:
-                full = np.zeros(ids.shape + v.shape[1:], v.dtype)
-                full[real] = v
-                v = full
-            rec[key].append(v.reshape(ids.shape + (-1,)))
+            rec[key].append((unpack(real, v) if packed else v).reshape(ids.shape + (-1,)))
         return out.reshape(h.shape)
 
     final, emb = _encode(ids, mask, w, cfg, recording_fff, on_layer=rec["layer_out"].append)
