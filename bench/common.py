@@ -253,6 +253,27 @@ def source_digest() -> str:
     return h.hexdigest()[:16]
 
 
+def _llvm_cpu() -> dict:
+    """The CPU name and features LLVM tunes Numba's code for (a VM may report a generic name,
+    which changes the tuning), and Numba's overrides of them."""
+    try:
+        import llvmlite.binding as ll
+        import numba
+    except ImportError:
+        return {}
+    return {"llvm_host_cpu": ll.get_host_cpu_name(),
+            "llvm_host_features": sorted(f for f in ll.get_host_cpu_features().flatten().split(",")
+                                         if f.startswith("+")),
+            "numba_cpu_name": numba.config.CPU_NAME, "numba_cpu_features": numba.config.CPU_FEATURES}
+
+
+def cpu_slug(info: dict) -> str:
+    """A file-name suffix naming the CPU of a result: LLVM's name for it (e.g. icelake-server,
+    znver4), else the model name's letters."""
+    name = info.get("llvm_host_cpu") or info.get("cpu_model") or "cpu"
+    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-") or "cpu"
+
+
 def machine_info() -> dict:
     """Everything needed to read the numbers later: CPU, flags, caches, memory, load, versions,
     BLAS build and its run-time kernel choice, and thread-related environment variables."""
@@ -267,6 +288,9 @@ def machine_info() -> dict:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "platform": platform.platform(),
         "cpu_model": cpu.get("model name"),
+        "cpu_vendor": cpu.get("vendor_id"),
+        "cpu_family_model_stepping": [cpu.get("cpu family"), cpu.get("model"), cpu.get("stepping")],
+        **_llvm_cpu(),
         "logical_cpus": os.cpu_count(),
         "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "simd_flags": [f for f in SIMD_FLAGS if f in flags],
