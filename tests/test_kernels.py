@@ -78,6 +78,54 @@ def test_fff_walk_token_independent_of_its_batch(t, depth):
                 np.testing.assert_array_equal(got[i - 1], one[0])
 
 
+@pytest.mark.parametrize("t,depth,min_tokens", [(0, 3, 0), (1, 2, 0), (300, 6, 0), (2000, 11, 0), (50, 4, 51)])
+def test_fff_leaf_order_is_a_stable_sort_by_leaf(t, depth, min_tokens):
+    rng = np.random.default_rng(t)
+    first = 2 ** depth - 1
+    routes = np.zeros((t, depth + 1), np.int32)
+    routes[:, depth] = first + rng.integers(0, 2 ** depth, t)
+    order = kernels._leaf_order(routes, depth, min_tokens)
+    assert order.dtype == np.int32
+    if t < min_tokens:
+        np.testing.assert_array_equal(order, np.arange(t))
+    else:
+        np.testing.assert_array_equal(order, np.argsort(routes[:, depth], kind="stable"))
+
+
+def test_fff_walk_in_leaf_order_gives_each_token_its_own_bits(monkeypatch):
+    """From LEAF_ORDER_MIN tokens the output sweep may take tokens by leaf: every token's output is
+    still the same bits as when it is walked alone (and matches the naive walk)."""
+    t = 1100
+    rng = np.random.default_rng(11)
+    x, w_in, b_in, w_out = random_tree(rng, t, 40, 6)
+    out, routes, logits = fwd.fff(x, w_in, b_in, w_out, 6)
+    ref, ref_routes = fff_ref(x, w_in, b_in, w_out)
+    np.testing.assert_array_equal(routes, ref_routes)
+    np.testing.assert_allclose(out, ref, atol=2e-5, rtol=1e-4)
+    for i in rng.choice(t, 25, replace=False):
+        alone = fwd.fff(x[i:i + 1], w_in, b_in, w_out, 6)
+        for got, one in zip((out, routes, logits), alone):
+            np.testing.assert_array_equal(got[i], one[0])
+
+
+@pytest.mark.parametrize("depth", [11, 12])
+def test_fff_output_one_pass_of_twelve_rows(depth):
+    """Depth 11 (12 levels) is one pass of 12 rows; depth 12 adds a one-row pass after it."""
+    rng = np.random.default_rng(depth)
+    x, w_in, b_in, w_out = random_tree(rng, 9, 32, depth)
+    out, routes, _ = fwd.fff(x, w_in, b_in, w_out, depth)
+    ref, ref_routes = fff_ref(x, w_in, b_in, w_out)
+    np.testing.assert_array_equal(routes, ref_routes)
+    np.testing.assert_allclose(out, ref, atol=2e-5, rtol=1e-4)
+
+
+def test_walk_tuning_table_names_known_tunables_only():
+    assert set(kernels.TUNING) == set(kernels.DEFAULT_TUNING)
+    for cpu, tuning in kernels.WALK_TUNING.items():
+        assert set(tuning) <= set(kernels.DEFAULT_TUNING), cpu
+    assert kernels.LEAF_ORDER_MIN == kernels.TUNING["leaf_order_min"] >= 1
+
+
 def test_fff_routes_right_only_when_z_positive():
     """z == 0 exactly goes left (strict >)."""
     h, depth = 4, 2

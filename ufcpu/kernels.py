@@ -462,14 +462,40 @@ def _fff_route_tile(x, w_in, b_in, depth, routes, logits, tile):
         level += 2
 
 
+@njit(inline="always", **_JIT)
+def _output_12(w_out, route, logits, out_row):
+    """out_row = the first 12 rows of the path times their GELU(z), in one pass that writes
+    out_row once and never reads it (a tree of depth 11 has exactly 12 levels). Summed in the
+    order of three passes of four rows, (p0 + p1) + p2: the same bits as those passes."""
+    g0, g1, g2, g3 = (gelu_scalar(logits[0]), gelu_scalar(logits[1]), gelu_scalar(logits[2]),
+                      gelu_scalar(logits[3]))
+    g4, g5, g6, g7 = (gelu_scalar(logits[4]), gelu_scalar(logits[5]), gelu_scalar(logits[6]),
+                      gelu_scalar(logits[7]))
+    g8, g9, g10, g11 = (gelu_scalar(logits[8]), gelu_scalar(logits[9]), gelu_scalar(logits[10]),
+                        gelu_scalar(logits[11]))
+    r0, r1, r2, r3 = w_out[route[0]], w_out[route[1]], w_out[route[2]], w_out[route[3]]
+    r4, r5, r6, r7 = w_out[route[4]], w_out[route[5]], w_out[route[6]], w_out[route[7]]
+    r8, r9, r10, r11 = w_out[route[8]], w_out[route[9]], w_out[route[10]], w_out[route[11]]
+    for j in range(out_row.shape[0]):
+        p0 = (g0 * r0[j] + g1 * r1[j]) + (g2 * r2[j] + g3 * r3[j])
+        p1 = (g4 * r4[j] + g5 * r5[j]) + (g6 * r6[j] + g7 * r7[j])
+        p2 = (g8 * r8[j] + g9 * r9[j]) + (g10 * r10[j] + g11 * r11[j])
+        out_row[j] = (p0 + p1) + p2
+
+
 @njit(**_JIT)
 def _fff_output(w_out, depth, route, logits, out_row):
-    """out = sum over the path of GELU(z) * w_out[node], four rows per pass over out_row (a
-    quarter of the loads and stores of out_row that one row per pass costs)."""
+    """out = sum over the path of GELU(z) * w_out[node]: the first 12 rows in one pass
+    (`_output_12`: out_row written once, never zeroed or read), then four rows per pass over
+    out_row (a quarter of the loads and stores of out_row that one row per pass costs)."""
     h = out_row.shape[0]
-    for j in range(h):
-        out_row[j] = np.float32(0.0)
     level = 0
+    if depth + 1 >= 12:
+        _output_12(w_out, route, logits, out_row)
+        level = 12
+    else:
+        for j in range(h):
+            out_row[j] = np.float32(0.0)
     while level + 4 <= depth + 1:
         g0 = gelu_scalar(logits[level])
         g1 = gelu_scalar(logits[level + 1])
@@ -493,6 +519,52 @@ def _fff_output(w_out, depth, route, logits, out_row):
 OUTPUT_BLOCK = 16  # tokens per claim in the output sweep
 
 
+def _target_cpu() -> str:
+    """The CPU name LLVM compiles the kernels for: the one Numba keys its cache on, so a cached
+    kernel always holds the tunables of its own CPU."""
+    import llvmlite.binding as llvm
+    return numba.config.CPU_NAME or llvm.get_host_cpu_name()
+
+
+# Tunables of the walk that suit one CPU and not another, read once at import (numbers:
+# bench/README.md, "The walk per CPU"). Any CPU not listed keeps DEFAULT, the tuning measured on
+# Zen 4.
+#   leaf_order_min: tokens from which the output sweep takes them by leaf (`_leaf_order`).
+NEVER = 1 << 62
+DEFAULT_TUNING = {"leaf_order_min": NEVER}
+WALK_TUNING = {
+    "icelake-server": {"leaf_order_min": 1024},   # Xeon Ice Lake-SP: w_out rows from a slow L3/DRAM
+}
+TUNING = {**DEFAULT_TUNING, **WALK_TUNING.get(_target_cpu(), {})}
+LEAF_ORDER_MIN = TUNING["leaf_order_min"]
+
+
+@njit(**_JIT)
+def _leaf_order(routes, depth, min_tokens):  # routes [T, D+1] -> [T] int32, token ids
+    """The order the output sweep takes the tokens in: by leaf (a counting sort, stable) from
+    `min_tokens` tokens on, else 0..T-1. Tokens with one leaf share their whole path, and
+    neighbouring leaves share their upper levels, so a w_out row is read from memory once for
+    all the tokens on it instead of once per token; each token's output is computed by the same
+    code, so its bits do not depend on the order."""
+    t_count = routes.shape[0]
+    order = np.empty(t_count, np.int32)
+    if t_count < min_tokens or t_count == 0:
+        for t in range(t_count):
+            order[t] = t
+        return order
+    first = (1 << depth) - 1                       # heap id of the first leaf
+    starts = np.zeros((1 << depth) + 1, np.int64)  # [leaves + 1]
+    for t in range(t_count):
+        starts[routes[t, depth] - first + 1] += 1
+    for i in range(1, starts.shape[0]):
+        starts[i] += starts[i - 1]
+    for t in range(t_count):
+        leaf = routes[t, depth] - first
+        order[starts[leaf]] = t
+        starts[leaf] += 1
+    return order
+
+
 @njit(**_JIT)
 def fff_walk(x, w_in, b_in, w_out, depth, out, routes, logits, state):
     """x [T, H], w_in [N, H], b_in [N], w_out [N, H] -> out [T, H], routes/logits [T, D+1].
@@ -510,10 +582,12 @@ def fff_walk(x, w_in, b_in, w_out, depth, out, routes, logits, state):
         tile = _claim(state, SHARED_NEXT, tiles)
     while fetch_add(state, SHARED_DONE, 0) < tiles:   # tiles other threads are still routing
         pass
+    order = _leaf_order(routes, depth, LEAF_ORDER_MIN)   # [T], the same in every thread
     blocks = (x.shape[0] + OUTPUT_BLOCK - 1) // OUTPUT_BLOCK
     b = _claim(state, SHARED_NEXT_2, blocks)
     while b >= 0:
-        for t in range(b * OUTPUT_BLOCK, min((b + 1) * OUTPUT_BLOCK, x.shape[0])):
+        for i in range(b * OUTPUT_BLOCK, min((b + 1) * OUTPUT_BLOCK, x.shape[0])):
+            t = order[i]
             _fff_output(w_out, depth, routes[t], logits[t], out[t])
         b = _claim(state, SHARED_NEXT_2, blocks)
     fetch_add(state, SHARED_INSIDE, -1)
