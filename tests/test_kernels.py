@@ -93,7 +93,7 @@ def test_fff_leaf_order_is_a_stable_sort_by_leaf(t, depth, min_tokens):
 
 
 def test_fff_walk_in_leaf_order_gives_each_token_its_own_bits(monkeypatch):
-    """From LEAF_ORDER_MIN tokens the output sweep may take tokens by leaf: every token's output is
+    """From LEAF_ORDER_MIN tokens (512 on Ice Lake-SP) the output sweep may take tokens by leaf: every token's output is
     still the same bits as when it is walked alone (and matches the naive walk)."""
     t = 1100
     rng = np.random.default_rng(11)
