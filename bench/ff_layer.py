@@ -14,7 +14,7 @@ It reproduces the paper's CPU comparison (one feedforward layer, 16384 tokens x 
 Next to each result stand the ceilings: the FLOP limit (4095/12 = 341x) and the memory floor
 (bytes the walk must read / streaming bandwidth measured here).
 
-    python bench/ff_layer.py [--threads 1,2] [--model PATH] [--out DIR] [--smoke]
+    python bench/ff_layer.py [--threads 1,2] [--model PATH] [--out DIR] [--clock wall|thread] [--smoke]
 """
 from __future__ import annotations
 
@@ -215,6 +215,12 @@ def distinct_nodes(layers: list[FFLayer], acts: list[np.ndarray], tokens: int, d
     return [float(x) for x in np.mean(per_layer, axis=0)]
 
 
+# What a sample's time is: wall-clock, or the calling thread's CPU time (one thread only: then
+# the time other processes of a shared machine take the core away is not counted).
+CLOCKS = {"wall": time.perf_counter, "thread": time.thread_time}
+CLOCK = "wall"
+
+
 def sampler(impl: Impl, layers: list[FFLayer], acts: list[np.ndarray], tokens: int,
             sizes: Sizes) -> Callable[[], float]:
     """-> a function timing one sample, in seconds per call. Calls cycle through `layers` (one
@@ -227,15 +233,15 @@ def sampler(impl: Impl, layers: list[FFLayer], acts: list[np.ndarray], tokens: i
         i = next(order)
         impl.run(acts[i][:tokens], layers[i], sizes.depth)
 
-    t = time.perf_counter()
+    t = CLOCKS[CLOCK]()
     one()
-    calls = max(1, math.ceil(sizes.min_sample_s / max(time.perf_counter() - t, 1e-7)))
+    calls = max(1, math.ceil(sizes.min_sample_s / max(CLOCKS[CLOCK]() - t, 1e-7)))
 
     def sample() -> float:
-        t = time.perf_counter()
+        t = CLOCKS[CLOCK]()
         for _ in range(calls):
             one()
-        return (time.perf_counter() - t) / calls
+        return (CLOCKS[CLOCK]() - t) / calls
     sample.calls = calls
     return sample
 
@@ -357,7 +363,8 @@ def markdown(rows: list[dict], res: dict, sizes: Sizes, meta: dict) -> str:
     w_eq, w_cr = res["widths"]["dense-equal"], res["widths"]["dense-crammed"]
     ceiling = sizes.nodes / (sizes.depth + 1)
     out = [f"# FF layer: FFF walk vs dense GEMM (H = {sizes.hidden}, depth {sizes.depth}, {sizes.nodes} nodes)", "",
-           f"Inputs: {meta['activations']}; weights: {meta['weights']}. Wall-clock ms per call, median of "
+           f"Inputs: {meta['activations']}; weights: {meta['weights']}. "
+           f"{'Wall-clock' if CLOCK == 'wall' else 'Thread CPU time,'} ms per call, median of "
            f"repeats after warm-up. Speedup = dense ms / FFF ms. FLOP ceiling: {ceiling:.0f}x vs dense {w_eq}, "
            f"{w_cr / (sizes.depth + 1):.0f}x vs dense {w_cr}. Memory floor = bytes the walk must read "
            f"(distinct visited rows x 2 x {sizes.hidden * 4 / 1e3:.1f} KB + activations) / measured read "
@@ -434,7 +441,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=common.RESULTS, help="results folder (default bench/results)")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes, one repeat: checks the script runs")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--clock", choices=tuple(CLOCKS), default="wall",
+                    help="wall-clock (default), or the calling thread's CPU time (needs --threads 1)")
+    ap.add_argument("--name", default=None,
+                    help="results file name without suffix (default ff_layer-<cpu>, e.g. ff_layer-znver4; "
+                         "--smoke: ff_layer)")
     args = ap.parse_args(argv)
+    global CLOCK
+    CLOCK = args.clock
+    if CLOCK == "thread" and common.parse_ints(args.threads or "1") != (1,):
+        ap.error("--clock thread measures one thread's CPU time: use it with --threads 1")
     sizes = SMOKE if args.smoke else FULL
     started = time.perf_counter()
     info = common.machine_info()
@@ -446,24 +462,30 @@ def main(argv: list[str] | None = None) -> int:
     res = run(sizes, layers, acts, common.parse_ints(args.threads or ("1" if args.smoke else "1,2")))
     rows = derive(res, sizes)
     args.out.mkdir(parents=True, exist_ok=True)
-    png = args.out / "ff_layer.png"
+    name = args.name or ("ff_layer" if args.smoke else f"ff_layer-{common.cpu_slug(info)}")
+    png = args.out / f"{name}.png"
     plotted = plot(rows, res, sizes, png)
     md = markdown(rows, res, sizes, meta)
+    title, rest = md.split("\n", 1)
+    md = (f"{title}\n\nCPU: {info['cpu_model']} (LLVM: {info.get('llvm_host_cpu')}; family/model/stepping "
+          f"{'/'.join(str(v) for v in info.get('cpu_family_model_stepping', []))}), flags "
+          f"{' '.join(info['simd_flags'])}.\n{rest}")
     if not plotted:
         md += "\n(plot skipped: matplotlib is not installed)\n"
     info["loadavg_at_end"] = common.loadavg()
     info["threads"] = common.ufcpu_threads()
-    common.write_json(args.out / "ff_layer.json", {
-        "benchmark": "ff_layer", "smoke": args.smoke, "machine": info, "sizes": dataclasses.asdict(sizes),
+    common.write_json(args.out / f"{name}.json", {
+        "benchmark": "ff_layer", "smoke": args.smoke, "clock": CLOCK, "machine": info,
+        "sizes": dataclasses.asdict(sizes),
         "inputs": meta, "cases": {c: case_label(c, sizes) for c in CASES},
         "impls": {impl.key: impl.label(layers[0], sizes.depth) for impl in IMPLS},
         "thread_control": "ufcpu.threads.set_threads(n): OpenBLAS's pool and ufcpu's helper threads",
         "bandwidth": res["bandwidth"], "routing_distinct_nodes_per_level": res["routing"],
         "widths": res["widths"], "points": res["points"], "rows": rows,
         "plot": png.name if plotted else None, "wall_s": time.perf_counter() - started})
-    common.write_text(args.out / "ff_layer.md", md)
+    common.write_text(args.out / f"{name}.md", md)
     print(md)
-    log(f"wrote {args.out / 'ff_layer.json'}, ff_layer.md{', ff_layer.png' if plotted else ''} "
+    log(f"wrote {args.out / name}.json, .md{', .png' if plotted else ''} "
         f"in {time.perf_counter() - started:.0f} s")
     return 0
 

@@ -46,8 +46,9 @@ def drivers():
                 kernels._fff_route_tile(x, w_in, b_in, depth, routes, logits, tile)
 
         @njit(nogil=True, cache=True)
-        def output_sweep(w_out, depth, routes, logits, out):  # routes, logits [T, D+1] -> out [T, H]
-            for t in range(out.shape[0]):
+        def output_sweep(w_out, depth, routes, logits, out, order):  # routes, logits [T, D+1] -> out [T, H]
+            for i in range(out.shape[0]):
+                t = order[i]
                 kernels._fff_output(w_out, depth, routes[t], logits[t], out[t])
         _drivers = (route_sweep, output_sweep)
     return _drivers
@@ -84,13 +85,17 @@ def variants(x, w_in, b_in, w_out, depth) -> dict:
     return {
         "walk": lambda: kernels.run_here(kernels.fff_walk, x, w_in, b_in, w_out, depth, out, routes, logits),
         "route": lambda: route_sweep(x, w_in, b_in, depth, routes, logits),
-        "output": lambda: output_sweep(w_out, depth, routes, logits, out),
+        "output": lambda: output_sweep(w_out, depth, routes, logits, out, np.arange(t, dtype=np.int32)),
+        "output by leaf": lambda: output_sweep(w_out, depth, routes, logits, out,
+                                               kernels._leaf_order(routes, depth, 0)),
         "model.fff": lambda: fwd.fff(x, w_in, b_in, w_out, depth),
     }
 
 
 def time_case(fns: dict, rounds: int, min_sample_s: float) -> dict:
-    """name -> {ms (median), min_ms, repeats}: one sample of each variant per round."""
+    """name -> {ms: median of this thread's CPU time per call, wall_ms: median wall-clock,
+    min_ms, repeats}: one sample of each variant per round. Everything runs on this thread, so
+    its CPU time leaves out the time other processes of a shared machine hold the core."""
     for f in fns.values():
         f()
     calls = {}
@@ -98,15 +103,18 @@ def time_case(fns: dict, rounds: int, min_sample_s: float) -> dict:
         t = time.perf_counter()
         f()
         calls[name] = max(1, math.ceil(min_sample_s / max(time.perf_counter() - t, 1e-7)))
-    samples: dict[str, list[float]] = {n: [] for n in fns}
+    cpu: dict[str, list[float]] = {n: [] for n in fns}
+    wall: dict[str, list[float]] = {n: [] for n in fns}
     for _ in range(rounds):
         for name, f in fns.items():
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.thread_time()
             for _ in range(calls[name]):
                 f()
-            samples[name].append((time.perf_counter() - t) / calls[name])
-    return {n: {"ms": 1e3 * float(np.median(s)), "min_ms": 1e3 * min(s), "repeats": len(s),
-                "calls_per_sample": calls[n]} for n, s in samples.items()}
+            cpu[name].append((time.thread_time() - c) / calls[name])
+            wall[name].append((time.perf_counter() - t) / calls[name])
+    return {n: {"ms": 1e3 * float(np.median(cpu[n])), "min_ms": 1e3 * min(cpu[n]),
+                "wall_ms": 1e3 * float(np.median(wall[n])), "repeats": len(cpu[n]),
+                "calls_per_sample": calls[n]} for n in fns}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,14 +145,17 @@ def main(argv: list[str] | None = None) -> int:
             log(f"  {case:5} T={t:<6} " + "  ".join(f"{n} {v['ms']:.3f}" for n, v in timed.items()) + " ms")
     slug = common.cpu_slug(info)
     md = ["# Tree walk by sweep, 1 thread", "",
-          f"CPU: {info['cpu_model']} (LLVM: {info['llvm_host_cpu']}). H = {hidden}, depth {depth}. ms per call, "
-          f"median of {rounds} samples; the variants take turns. walk = `fff_walk` on preallocated buffers; "
-          f"route / output = each sweep alone; model.fff = fresh output buffers every call, as the FF-layer "
-          f"bench measures it.", "",
-          common.md_table(["case", "tokens", "walk ms", "route ms", "output ms", "model.fff ms",
-                           "us/token walk", "others' CPUs"],
+          f"CPU: {info['cpu_model']} (LLVM: {info['llvm_host_cpu']}). H = {hidden}, depth {depth}. ms per call of "
+          f"this thread's CPU time (wall-clock in the JSON), median of {rounds} samples; the variants take "
+          f"turns. walk = `fff_walk` on preallocated buffers; "
+          f"route / output = each sweep alone, the outputs in token order and (sort included) in leaf "
+          f"order, which `fff_walk` takes from {kernels.LEAF_ORDER_MIN} tokens on this CPU; model.fff = "
+          f"fresh output buffers every call, as the FF-layer bench measures it.", "",
+          common.md_table(["case", "tokens", "walk ms", "route ms", "output ms", "output by leaf ms",
+                           "model.fff ms", "us/token walk", "others' CPUs"],
                           [[r["case"], r["tokens"], fmt(r["walk_ms"]), fmt(r["route_ms"]), fmt(r["output_ms"]),
-                            fmt(r["model.fff_ms"]), fmt(r["us_per_token"]["walk"]), fmt(r["others_cpu_cores"], 2)]
+                            fmt(r["output by leaf_ms"]), fmt(r["model.fff_ms"]), fmt(r["us_per_token"]["walk"]),
+                            fmt(r["others_cpu_cores"], 2)]
                            for r in rows]), ""]
     info["loadavg_at_end"] = common.loadavg()
     args.out.mkdir(parents=True, exist_ok=True)

@@ -106,3 +106,39 @@ def test_bad_model_is_one_line(tmp_path):
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("ff_layer.py: error: ") and "missing" in lines[0], proc.stderr
+
+
+def _run_named(script: str, out: Path) -> dict:
+    """Scripts whose results are named after the CPU (<script>-<cpu>.json/.md)."""
+    proc = subprocess.run([sys.executable, str(BENCH / f"{script}.py"), "--smoke", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [js] = out.glob(f"{script}-*.json")
+    assert (out / js.name.replace(".json", ".md")).read_text().startswith("# ")
+    res = json.loads(js.read_text())
+    assert js.stem == f"{script}-{res['machine']['llvm_host_cpu']}"
+    return res
+
+
+def test_walk_sweeps_smoke(tmp_path):
+    res = _run_named("walk_sweeps", tmp_path)
+    _machine_recorded(res)
+    assert {(r["case"], r["tokens"]) for r in res["rows"]} == {(c, t) for c in ("paper", "hot") for t in (16, 64)}
+    for r in res["rows"]:
+        assert set(r["timings"]) == {"walk", "route", "output", "output by leaf", "model.fff"}
+        assert all(v["wall_ms"] > 0 and v["repeats"] == 1 for v in r["timings"].values())
+
+
+def test_memory_smoke(tmp_path):
+    res = _run_named("memory", tmp_path)
+    _machine_recorded(res)
+    assert res["clock_ghz_estimate"] > 0
+    assert [r["bytes"] for r in res["rows"]] == [16 << 10, 64 << 10]
+    assert all(r["latency_ns"] > 0 and r["read_gbs"] > 0 and r["copy_gbs"] > 0 for r in res["rows"])
+
+
+def test_ff_layer_thread_clock_needs_one_thread(tmp_path):
+    proc = subprocess.run([sys.executable, str(BENCH / "ff_layer.py"), "--smoke", "--out", str(tmp_path),
+                           "--clock", "thread", "--threads", "1,2"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "--threads 1" in proc.stderr
+    assert not list(tmp_path.iterdir())
