@@ -86,8 +86,8 @@ def test_fff_leaf_order_is_a_stable_sort_by_leaf(t, depth, min_tokens):
     routes[:, depth] = first + rng.integers(0, 2 ** depth, t)
     order = kernels._leaf_order(routes, depth, min_tokens)
     assert order.dtype == np.int32
-    if t < min_tokens:
-        np.testing.assert_array_equal(order, np.arange(t))
+    if t < min_tokens:                   # empty: the output sweep keeps token order
+        assert order.shape == (0,)
     else:
         np.testing.assert_array_equal(order, np.argsort(routes[:, depth], kind="stable"))
 

@@ -527,8 +527,8 @@ def _target_cpu() -> str:
 
 
 # Tunables of the walk that suit one CPU and not another, read once at import (numbers:
-# bench/README.md, "The walk per CPU"). Any CPU not listed keeps DEFAULT, the tuning measured on
-# Zen 4.
+# bench/README.md, "The walk per CPU"). A CPU not listed keeps DEFAULT_TUNING, the tuning
+# measured on Zen 4.
 #   leaf_order_min: tokens from which the output sweep takes them by leaf (`_leaf_order`).
 NEVER = 1 << 62
 DEFAULT_TUNING = {"leaf_order_min": NEVER}
@@ -540,18 +540,16 @@ LEAF_ORDER_MIN = TUNING["leaf_order_min"]
 
 
 @njit(**_JIT)
-def _leaf_order(routes, depth, min_tokens):  # routes [T, D+1] -> [T] int32, token ids
+def _leaf_order(routes, depth, min_tokens):  # routes [T, D+1] -> [T] int32 token ids, or [0]
     """The order the output sweep takes the tokens in: by leaf (a counting sort, stable) from
-    `min_tokens` tokens on, else 0..T-1. Tokens with one leaf share their whole path, and
-    neighbouring leaves share their upper levels, so a w_out row is read from memory once for
-    all the tokens on it instead of once per token; each token's output is computed by the same
-    code, so its bits do not depend on the order."""
+    `min_tokens` tokens on; below, an empty array, which means token order (nothing allocated).
+    Tokens with one leaf share their whole path, and neighbouring leaves their upper levels, so
+    a w_out row is read from memory once for all the tokens on it instead of once per token;
+    each token's output is computed by the same code, so its bits do not depend on the order."""
     t_count = routes.shape[0]
+    if t_count < min_tokens:
+        return routes[:0, depth]
     order = np.empty(t_count, np.int32)
-    if t_count < min_tokens or t_count == 0:
-        for t in range(t_count):
-            order[t] = t
-        return order
     first = (1 << depth) - 1                       # heap id of the first leaf
     starts = np.zeros((1 << depth) + 1, np.int64)  # [leaves + 1]
     for t in range(t_count):
@@ -587,7 +585,7 @@ def fff_walk(x, w_in, b_in, w_out, depth, out, routes, logits, state):
     b = _claim(state, SHARED_NEXT_2, blocks)
     while b >= 0:
         for i in range(b * OUTPUT_BLOCK, min((b + 1) * OUTPUT_BLOCK, x.shape[0])):
-            t = order[i]
+            t = order[i] if order.shape[0] else i
             _fff_output(w_out, depth, routes[t], logits[t], out[t])
         b = _claim(state, SHARED_NEXT_2, blocks)
     fetch_add(state, SHARED_INSIDE, -1)
