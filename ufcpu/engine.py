@@ -16,9 +16,9 @@ from . import heads, hub, kernels, malloc
 from . import model as fwd
 from . import threads as _threads
 from .config import Config
-from .errors import CheckpointError, InputError
-from .tokenizer import Tokenizer, pad
-from .weights import check_finite, load_weights, read_engine_config
+from .errors import InputError
+from .tokenizer import pad
+from .weights import Checked, open_engine
 
 log = logging.getLogger("ufcpu")
 f32 = np.float32
@@ -35,26 +35,23 @@ def load(name_or_path: str | Path | None = None, revision: str | None = None,
     ffn: "fff" (the tree walk) or "dense-masked" (all nodes computed and masked, as the published
          code does: same results, for comparison only).
     """
-    engine_dir, source = hub.resolve(name_or_path, revision, log=log.info)
-    return Model(engine_dir, source=source, threads=threads, check=check, ffn=ffn)
+    found = hub.locate(name_or_path, revision, log=log.info)
+    return Model(found.engine, source=found.source, threads=threads, check=check, ffn=ffn, checked=found.checked)
 
 
 class Model:
     def __init__(self, engine_dir: str | Path, source: str | Path | None = None,
-                 threads: int | None = None, check: bool = False, ffn: str = "fff"):
+                 threads: int | None = None, check: bool = False, ffn: str = "fff",
+                 checked: Checked | None = None):
         if ffn not in fwd.FFN:
             raise InputError(f"ffn must be one of {', '.join(fwd.FFN)}, got {ffn!r}")
         self.ffn = fwd.FFN[ffn]
         self.path = Path(engine_dir)
         self.source = Path(source) if source is not None else self.path
-        self.config: Config = read_engine_config(self.path)
-        self.weights = load_weights(self.path, self.config)
-        if check:
-            check_finite(self.weights, str(self.path))
-        self.tokenizer = Tokenizer(self.path / "tokenizer.json", self.config.max_seq)
-        if self.tokenizer.vocab_size > self.config.vocab:
-            raise CheckpointError(f"{self.path}: tokenizer has {self.tokenizer.vocab_size} tokens, "
-                                  f"the embedding only {self.config.vocab} rows")
+        # checked: what the conversion in this load already checked; NaN/inf named in the user's file
+        eng = open_engine(self.path, check=check, by_source=self.source != self.path, checked=checked)
+        self.config: Config = eng.config
+        self.weights, self.tokenizer = eng.weights, eng.tokenizer
         self.threads = _threads.set_threads(threads)
         malloc.keep_freed_memory()   # reuse activation pages across layers (ufcpu/malloc.py)
 
