@@ -106,11 +106,14 @@ def check_hub_tensors(cfg: Config, tensors: dict[str, np.ndarray], source: str) 
         if a.dtype not in (np.float32, np.float16, np.float64):
             raise CheckpointError(f"{source}: tensor {hub!r} has dtype {a.dtype}, expected a float type")
     if cfg.task == "mlm":
-        dec, word = tensors[TIED_DECODER], tensors[HUB_NAMES["embed.word"][0]]
-        if tuple(dec.shape) != (cfg.vocab, cfg.hidden) or not np.array_equal(
-                np.asarray(dec, np.float32), np.asarray(word, np.float32)):
-            raise CheckpointError(f"{source}: {TIED_DECODER!r} differs from the word embedding; "
-                                  "untied decoders are not supported")
+        check_tied_decoder(tensors[TIED_DECODER], tensors[HUB_NAMES["embed.word"][0]], source)
+
+
+def check_tied_decoder(dec: np.ndarray, word: np.ndarray, source: str) -> None:
+    """The MLM decoder must be the word embedding (the engine keeps one copy): reads both in full."""
+    if dec.shape != word.shape or not np.array_equal(np.asarray(dec, np.float32), np.asarray(word, np.float32)):
+        raise CheckpointError(f"{source}: {TIED_DECODER!r} differs from the word embedding; "
+                              "untied decoders are not supported")
 
 
 def engine_tensors(cfg: Config, tensors: dict[str, np.ndarray], source: str) -> Iterator[np.ndarray]:
