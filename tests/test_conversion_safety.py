@@ -290,8 +290,9 @@ def test_a_classifier_whose_labels_disagree_with_its_head_is_warned_about(tmp_pa
     with caplog.at_level(logging.WARNING, logger="ufcpu"):
         m = ufcpu.load(src)
     text = "\n".join(r.getMessage() for r in caplog.records if r.name == "ufcpu")
-    assert "arch.num_labels is 5 but the head has 3 outputs: using 3" in text
-    assert "id2label has 2 labels but the head has 3 outputs: labels dropped (LABEL_0..)" in text
+    assert f"{src / 'config.json'}: arch.num_labels is 5 but the head has 3 outputs (head.weight): using 3" in text
+    assert "id2label has 2 labels but the head has 3 outputs (head.weight): labels dropped (LABEL_0..)" in text
+    assert len([r for r in caplog.records if r.levelno >= logging.WARNING]) == 2
     assert m.config.num_labels == 3 and m.config.id2label is None
     assert m.predict(["x"])[0]["label"].startswith("LABEL_")
 

@@ -144,7 +144,7 @@ def check_source(src: Path) -> tuple[Checked, dict[str, np.ndarray], str]:
     if cfg.task == "classification":
         if HEAD_WEIGHT not in tensors:
             raise CheckpointError(f"{wsource}: classification checkpoint has no {HEAD_WEIGHT!r}")
-        cfg = with_label_count(cfg, hub_cfg, tuple(tensors[HEAD_WEIGHT].shape), wsource)
+        cfg = with_label_count(cfg, hub_cfg, tuple(tensors[HEAD_WEIGHT].shape), str(cfg_path), wsource)
     check_config(cfg, str(cfg_path))
     check_hub_tensors(cfg, tensors, wsource)
     return Checked(config=cfg, tokenizer=tok), tensors, wsource

@@ -175,24 +175,26 @@ def config_from_hub(cfg: dict[str, Any], source: str = "config.json") -> Config:
     return out
 
 
-def with_label_count(cfg: Config, hub_cfg: dict[str, Any], head_shape: tuple, source: str) -> Config:
+def with_label_count(cfg: Config, hub_cfg: dict[str, Any], head_shape: tuple, source: str,
+                     weights_source: str) -> Config:
     """Fill in what only the tensors know: a classifier's label count C, from head.weight [C, width].
     A config.json that says otherwise (arch.num_labels, id2label) is warned about, with the numbers;
     an id2label of the wrong length is dropped (labels are then LABEL_0..)."""
     if cfg.task != "classification":
         return cfg
     if len(head_shape) != 2 or head_shape[0] < 1:
-        raise CheckpointError(f"{source}: tensor 'head.weight' has shape {list(head_shape)}, "
+        raise CheckpointError(f"{weights_source}: tensor 'head.weight' has shape {list(head_shape)}, "
                               "expected [num_labels >= 1, width]")
     c = int(head_shape[0])
     arch = hub_cfg.get("arch") if isinstance(hub_cfg.get("arch"), dict) else {}
-    declared = arch.get("num_labels")
-    if declared is not None and declared != c:
-        log.warning("%s: arch.num_labels is %s but the head has %d outputs: using %d", source,
-                    short_repr(declared), c, c)
+    # the reference saves arch.num_labels but builds its head from the HF config's own num_labels
+    for key, declared in (("arch.num_labels", arch.get("num_labels")), ("num_labels", hub_cfg.get("num_labels"))):
+        if declared is not None and declared != c:
+            log.warning("%s: %s is %s but the head has %d outputs (head.weight): using %d", source, key,
+                        short_repr(declared), c, c)
     id2label = cfg.id2label
     if id2label is not None and len(id2label) != c:
-        log.warning("%s: id2label has %d labels but the head has %d outputs: labels dropped (LABEL_0..)",
+        log.warning("%s: id2label has %d labels but the head has %d outputs (head.weight): labels dropped (LABEL_0..)",
                     source, len(id2label), c)
         id2label = None
     return Config(**{**cfg.__dict__, "num_labels": c, "id2label": id2label})
