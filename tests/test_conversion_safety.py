@@ -177,6 +177,11 @@ def test_the_cache_key_ignores_files_a_user_adds(ckpt, cache):
     assert hub.converted_path(ckpt) != key
 
 
+def test_an_empty_cache_says_so(cache):
+    out, err, _ = run("cache")
+    assert out == "" and err.strip() == f"ufcpu: no converted checkpoints in {cache}"
+
+
 def test_cache_lists_and_prunes(ckpt, tmp_path, cache):
     other = Path(shutil.copytree(DATA / "mini-ufb", tmp_path / "other"))
     a, _ = hub.ensure_converted(ckpt)

@@ -255,7 +255,10 @@ def cmd_cache(args) -> int:
         return 0
     if args.older_than is not None or args.all:
         raise UfcpuError("--older-than and --all go with `ufcpu cache prune`")
-    for e in hub.cache_entries():
+    entries = hub.cache_entries()
+    if not entries:
+        log.info("no converted checkpoints in %s", hub.cache_dir())
+    for e in entries:
         used = datetime.datetime.fromtimestamp(e.last_used).strftime("%Y-%m-%d %H:%M")
         print(f"{e.bytes / 2**20:9.1f} MB  last used {used}  {e.path.name}  <- {e.source}")
     return 0
