@@ -31,7 +31,7 @@ from common import fmt, log  # noqa: E402
 
 DATA = common.REPO / "tests" / "data"
 TEXTS_FROM = DATA / "trained-tiny" / "eval.npz"    # real English prose for the checkpoints without inputs
-SMOKE_SEQUENCES = 8                                 # --smoke: sequences per case
+SMOKE_TEXTS = 8                                     # --smoke: texts through the tiny random checkpoint
 
 
 # --- inputs: case -> ids, mask, labels -------------------------------------------------------------
@@ -46,23 +46,23 @@ def text_inputs(model, texts: list[str]) -> dict:
             "what": f"{len(texts)} held-out texts of trained-tiny"}
 
 
-def fixture_cases(model_of, limit: int | None) -> list[dict]:
-    """One case per input set of each tests/data fixture (sorted by name)."""
+def fixture_cases(model_of) -> list[dict]:
+    """One case per input set of each tests/data fixture (sorted by name), all of its inputs."""
     cases = []
     for folder in sorted(p for p in DATA.iterdir() if (p / "config.json").is_file()):
         if (folder / "expected.npz").is_file():
             d = np.load(folder / "expected.npz")
-            cases.append({"case": folder.name, "path": folder, "ids": d["input_ids"][:limit],
-                          "mask": d["attention_mask"][:limit], "labels": None,
+            cases.append({"case": folder.name, "path": folder, "ids": d["input_ids"],
+                          "mask": d["attention_mask"], "labels": None,
                           "what": "expected.npz batch (padded)"})
         if (folder / "eval.npz").is_file():
             d = np.load(folder / "eval.npz")
-            ids = d["input_ids"][:limit]
+            ids = d["input_ids"]
             cases.append({"case": f"{folder.name} (masked held-out)", "path": folder, "ids": ids,
-                          "mask": np.ones_like(ids), "labels": d["labels"][:limit],
-                          "ref_masked_accuracy": None if limit else float(d["masked_accuracy"]),
+                          "mask": np.ones_like(ids), "labels": d["labels"],
+                          "ref_masked_accuracy": float(d["masked_accuracy"]),
                           "what": f"{len(ids)} held-out sequences, 15% masked, with labels"})
-            texts = [str(t) for t in d["heldout_texts"][:limit or 64]]
+            texts = [str(t) for t in d["heldout_texts"][:64]]
             cases.append({"case": f"{folder.name} (texts)", "path": folder,
                           **text_inputs(model_of(folder), texts)})
     return cases
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
                     "random full-size one")
     ap.add_argument("--threads", type=int, default=None, help="threads (default: all cores)")
     ap.add_argument("--out", type=Path, default=common.RESULTS, help="results folder (default bench/results)")
-    ap.add_argument("--smoke", action="store_true", help="a few sequences per case, a tiny random checkpoint")
+    ap.add_argument("--smoke", action="store_true", help="a tiny random checkpoint instead of the full-size one")
     args = ap.parse_args(argv)
     started = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -131,17 +131,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.precision != "float32" and not accuracy.supports_precision():
         accuracy.load(DATA / "tiny-ufb", args.precision)          # raises the one-line error
     info = common.machine_info()
-    limit = SMOKE_SEQUENCES if args.smoke else None
     loaded: dict = {}
 
     def model_of(path):
         return cached(loaded, path, "float32", args.threads)
 
-    cases = fixture_cases(model_of, limit)
+    cases = fixture_cases(model_of)
     big = args.model or common.bench_checkpoint(args.smoke)
     cases.append({"case": str(args.model) if args.model else ("random checkpoint (smoke)" if args.smoke
                                                               else "full-size random checkpoint"),
-                  "path": big, **text_inputs(model_of(big), heldout_texts(limit or 64))})
+                  "path": big, **text_inputs(model_of(big), heldout_texts(SMOKE_TEXTS if args.smoke else 64))})
     rows = []
     for case in cases:
         log(f"{case['case']}: {case['what']}")
