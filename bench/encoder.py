@@ -185,20 +185,6 @@ def graph_key(row: Row) -> str:
     return f"{row.ffn}-int8" if row.family == "onnxruntime" and row.precision == "int8" else row.ffn
 
 
-def ensure_quantized(path: Path) -> Path:
-    """The graph quantized by ONNX Runtime as a user would (dynamic, int8 weights), built once,
-    written under a temporary name and renamed (the int8 full model fits one protobuf)."""
-    out = path.with_name(path.stem + "-int8.onnx")
-    if out.is_file():
-        return out
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-    log(f"quantizing {path.name} -> {out.name} (once)")
-    tmp = out.with_name(out.stem + ".partial.onnx")
-    quantize_dynamic(str(path), str(tmp), weight_type=QuantType.QInt8)
-    tmp.replace(out)
-    return out
-
-
 def ensure_graphs(rows: list[Row], engine_dir: Path, cache: Path) -> dict[str, Path]:
     """graph_key -> ONNX file, for every row that runs a graph."""
     out: dict[str, Path] = {}
@@ -206,7 +192,8 @@ def ensure_graphs(rows: list[Row], engine_dir: Path, cache: Path) -> dict[str, P
         if r.family in ONNX_FAMILIES:
             out[r.ffn] = ensure_onnx(engine_dir, r.ffn, cache)
             if graph_key(r) != r.ffn:
-                out[graph_key(r)] = ensure_quantized(out[r.ffn])
+                import onnx_graph
+                out[graph_key(r)] = onnx_graph.quantized_int8(out[r.ffn], log=log)
     return out
 
 
@@ -258,16 +245,9 @@ def ort_runner(row: Row, plan: dict, threads: int):
     return (lambda ids, mask: sess.run(None, {"input_ids": ids, "attention_mask": mask})[0]), threads, {}
 
 
-# OpenVINO's precision: its default (bf16 on CPUs with bf16 units, else f32), or f32 for the twin
-OPENVINO_PRECISION = {"default": {}, "float32": {"INFERENCE_PRECISION_HINT": "f32"}}
-
-
 def openvino_runner(row: Row, plan: dict, threads: int):
-    """The float32 ONNX graph compiled by OpenVINO for the CPU, tuned for latency, as its docs
-    advise for one request at a time."""
-    import openvino
-    config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY", **OPENVINO_PRECISION[row.precision]}
-    compiled = openvino.Core().compile_model(str(plan["onnx"][row.ffn]), "CPU", config)
+    import onnx_graph
+    compiled = onnx_graph.openvino_compiled(Path(plan["onnx"][row.ffn]), threads, row.precision)
     request, out = compiled.create_infer_request(), compiled.output(0)
 
     def run(ids, mask):
