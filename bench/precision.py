@@ -27,10 +27,11 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import accuracy  # noqa: E402
 import common  # noqa: E402
-from common import fmt, log  # noqa: E402
+from common import log  # noqa: E402
 
 DATA = common.REPO / "tests" / "data"
 TEXTS_FROM = DATA / "trained-tiny" / "eval.npz"    # real English prose for the checkpoints without inputs
+HELDOUT_TEXTS = 64                                  # held-out texts per text case
 SMOKE_TEXTS = 8                                     # --smoke: texts through the tiny random checkpoint
 
 
@@ -62,7 +63,7 @@ def fixture_cases(model_of) -> list[dict]:
                           "mask": np.ones_like(ids), "labels": d["labels"],
                           "ref_masked_accuracy": float(d["masked_accuracy"]),
                           "what": f"{len(ids)} held-out sequences, 15% masked, with labels"})
-            texts = [str(t) for t in d["heldout_texts"][:64]]
+            texts = [str(t) for t in d["heldout_texts"][:HELDOUT_TEXTS]]
             cases.append({"case": f"{folder.name} (texts)", "path": folder,
                           **text_inputs(model_of(folder), texts)})
     return cases
@@ -86,7 +87,9 @@ def run_case(case: dict, precision: str, threads: int | None, loaded: dict) -> d
     m = accuracy.compare(ref, other, case["ids"], case["mask"], case["labels"])
     m["ref_masked_accuracy"] = case.get("ref_masked_accuracy")
     log(f"  {case['case']}: {time.perf_counter() - t:.1f} s")
-    return {"case": case["case"], "checkpoint": str(case["path"]), "inputs": case["what"],
+    path = Path(case["path"]).resolve() if Path(case["path"]).exists() else None
+    name = path.relative_to(common.REPO).as_posix() if path and path.is_relative_to(common.REPO) else str(case["path"])
+    return {"case": case["case"], "checkpoint": name, "inputs": case["what"],
             "config": ref.config.to_json(), "metrics": m, "targets": accuracy.check_targets(m)}
 
 
@@ -140,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     big = args.model or common.bench_checkpoint(args.smoke)
     cases.append({"case": str(args.model) if args.model else ("random checkpoint (smoke)" if args.smoke
                                                               else "full-size random checkpoint"),
-                  "path": big, **text_inputs(model_of(big), heldout_texts(SMOKE_TEXTS if args.smoke else 64))})
+                  "path": big, **text_inputs(model_of(big), heldout_texts(SMOKE_TEXTS if args.smoke else HELDOUT_TEXTS))})
     rows = []
     for case in cases:
         log(f"{case['case']}: {case['what']}")
