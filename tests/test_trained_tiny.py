@@ -108,3 +108,14 @@ def test_fill_mask_special_token_str(model):
     by_token = {p["token"]: p for p in preds}
     assert by_token[tok.pad_id]["token_str"] == "<pad>"
     assert by_token[tok.mask_id]["token_str"] == "<mask>"
+
+
+def test_fill_mask_drops_a_predicted_pad(model):
+    """The pipeline removes pad ids before decoding, so a predicted pad leaves no trace; with
+    several masks the other mask and the special tokens stay."""
+    tok = model.tokenizer
+    first, _ = model.fill_mask("<mask> and <mask>", top_k=model.config.vocab)
+    pad = next(p for p in first if p["token"] == tok.pad_id)
+    assert pad["token_str"] == "<pad>" and pad["sequence"] == "and <mask> <sep>"
+    the = next(p for p in first if p["token_str"] == "the")
+    assert the["sequence"] == "the and <mask> <sep>"

@@ -214,6 +214,7 @@ class Model:
             for t in best:
                 filled = ids.copy()
                 filled[pos] = t
+                filled = filled[filled != tok.pad_id]      # the pipeline drops pad ids, a predicted one too
                 preds.append({"score": float(probs[m, t]), "token": int(t),
                               "token_str": tok.decode([t], skip_special_tokens=False),
                               "sequence": tok.decode(filled, skip_special_tokens=not keep_special)})
