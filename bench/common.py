@@ -17,6 +17,7 @@ import math
 import os
 import platform
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -39,7 +40,7 @@ ENV_KEYS = ("OPENBLAS_CORETYPE", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL
             "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 
 PACKAGES = ("ufcpu", "numpy", "numba", "llvmlite", "tokenizers", "safetensors", "huggingface-hub",
-            "onnx", "onnxruntime", "torch", "matplotlib")
+            "onnx", "onnxruntime", "openvino", "torch", "matplotlib")
 
 # CPU flags that decide which kernels BLAS, Numba, ONNX Runtime and PyTorch can use.
 SIMD_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
@@ -349,6 +350,35 @@ class OthersCpu:
 
 def loadavg() -> list[float] | None:
     return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+
+
+# --- the benchmarks' checkpoint ------------------------------------------------------------------
+
+SMOKE_CHECKPOINT = dict(layers=2, hidden=64, heads=4, depth=3, vocab=512)   # --smoke runs' random model
+
+
+def random_checkpoint(folder: Path, dims: dict | None) -> Path:
+    """The project's random checkpoint in the Hub layout (full size: 755 MB, ~5 s), written once:
+    into a temporary folder renamed when complete, so a half-written one is never reused."""
+    if (folder / "model.safetensors").is_file():
+        return folder
+    from weights_convert.random_checkpoint import write_random_checkpoint
+    log(f"writing a random checkpoint to {folder} (once)")
+    tmp = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write_random_checkpoint(tmp, **(dims or {}))
+    tmp.rename(folder)
+    return folder
+
+
+def bench_checkpoint(smoke: bool, dims: dict | None = None) -> Path:
+    """The random checkpoint every benchmark runs by default, cached in ufcpu's cache folder:
+    the full-size model (seed 0), or for --smoke a tiny one (dims, default SMOKE_CHECKPOINT)."""
+    from ufcpu import hub
+    cache = hub.cache_dir() / "bench"
+    if smoke:
+        return random_checkpoint(cache / "random-smoke", dims or SMOKE_CHECKPOINT)
+    return random_checkpoint(cache / "random-full-seed0", None)
 
 
 # --- output ---------------------------------------------------------------------------------------

@@ -201,6 +201,9 @@ class Model:
         h = self.hidden_states(b.input_ids)[0]                  # [S, H]
         probs = heads.softmax(heads.mlm_logits(h[where], self.weights))   # [M, V]
         k = min(top_k, probs.shape[1])
+        # As the pipeline: token_str shows special tokens too, and with several masks `sequence`
+        # keeps the special tokens, so the masks not being filled stay visible.
+        keep_special = where.size > 1
         results = []
         for m, pos in enumerate(where):
             best = np.argsort(-probs[m], kind="stable")[:k]
@@ -208,8 +211,10 @@ class Model:
             for t in best:
                 filled = ids.copy()
                 filled[pos] = t
+                filled = filled[filled != tok.pad_id]      # the pipeline drops pad ids, a predicted one too
                 preds.append({"score": float(probs[m, t]), "token": int(t),
-                              "token_str": tok.decode([t]), "sequence": tok.decode(filled)})
+                              "token_str": tok.decode([t], skip_special_tokens=False),
+                              "sequence": tok.decode(filled, skip_special_tokens=not keep_special)})
             results.append(preds)
         return results[0] if len(results) == 1 else results
 
