@@ -220,3 +220,20 @@ def test_switching_counts_inside_a_call_never_deadlocks():
     [t.start() for t in ts]
     [t.join(120) for t in ts]
     assert not any(t.is_alive() for t in ts) and errors == []
+
+
+def test_the_command_line_says_when_threads_exceed_the_cores():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import DATA
+    root = Path(__file__).resolve().parent.parent
+    top = threads.available()
+    p = subprocess.run([sys.executable, "-m", "ufcpu.cli", "encode", "--threads", "1000", "-m", str(DATA / "tiny-ufb"),
+                        "x"], capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "PYTHONPATH": str(root)})
+    assert p.returncode == 0, p.stderr
+    warned = [line for line in p.stderr.splitlines() if "cores" in line]
+    assert warned == [f"ufcpu: threads=1000 is more than the {top} cores available: using {top}"], p.stderr

@@ -119,6 +119,15 @@ def _announce_compile() -> None:
         log.info("compiling kernels (once, a few seconds)...")
 
 
+_unreadable_warned: set = set()
+
+
+def _warn_unreadable(folder: str) -> None:
+    if folder not in _unreadable_warned:
+        _unreadable_warned.add(folder)
+        log.warning("compiled kernels in %s were unreadable (damaged files): compiling them again", folder)
+
+
 def _sealed(payload: bytes) -> bytes:
     return _MAGIC + hashlib.sha256(payload).digest() + payload
 
@@ -184,9 +193,8 @@ def _cache_classes():
         def load_overload(self, sig, target_context):
             try:
                 found = super().load_overload(sig, target_context)
-            except Exception as e:  # a damaged file fails its checksum or its unpickling: start afresh
-                log.warning("compiled kernel cache in %s is unreadable (%s): compiling again",
-                            self._cache_path, type(e).__name__)
+            except Exception:  # a damaged file fails its checksum or its unpickling: start afresh
+                _warn_unreadable(self._cache_path)
                 with contextlib.suppress(OSError):
                     os.unlink(self._cache_file._index_path)   # in a folder only this user can write
                 found = None
