@@ -196,3 +196,26 @@ def test_a_temporary_folder_made_by_someone_else_is_not_used(tmp_path):
     finally:
         for p in [pkg, *pkg.rglob("*"), home]:
             p.chmod(p.stat().st_mode | stat.S_IWUSR)
+
+
+def test_numbas_subfolder_is_private_whatever_the_umask(tmp_path):
+    """Numba makes a subfolder per source folder inside the cache folder, with the umask's mode:
+    with umask 002 that would be group-writable. It is made 0700 first."""
+    folder = tmp_path / "cache"
+    p = run({"NUMBA_CACHE_DIR": str(folder)}, code="import os; os.umask(0o002)\n" + PROBE)
+    assert result(p)["cache"] == str(folder)
+    subs = [d for d in folder.iterdir() if d.is_dir()]
+    assert subs and all(stat.S_IMODE(d.stat().st_mode) == 0o700 for d in subs), subs
+    assert "not caching" not in p.stderr
+
+
+def test_a_subfolder_others_can_write_is_not_used(compiled, tmp_path):
+    folder = tmp_path / "cache"
+    shutil.copytree(compiled[0], folder)
+    sub = next(d for d in folder.iterdir() if d.is_dir())
+    sub.chmod(0o777)
+    p = run({"NUMBA_CACHE_DIR": str(folder)})
+    result(p)
+    assert f"ufcpu: not caching compiled kernels: {sub} can be written by other users (mode 0777)" \
+        in p.stderr.splitlines(), p.stderr
+    assert p.stderr.splitlines().count(COMPILING) == 1         # compiled, the files there not loaded

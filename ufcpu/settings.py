@@ -16,6 +16,7 @@ import contextlib
 import ctypes
 import functools
 import hashlib
+import inspect
 import logging
 import os
 import stat
@@ -87,6 +88,12 @@ def _candidates() -> list[tuple[str, str]]:
         ("temporary folder", os.path.join(tempfile.gettempdir(), f"ufcpu-numba-{uid}"))]
 
 
+def _numba_subfolder(folder: str, source: str = __file__) -> str:
+    """The folder inside `folder` where Numba keeps the kernels of source's folder."""
+    from numba.core.caching import UserProvidedCacheLocator
+    return os.path.join(folder, UserProvidedCacheLocator.get_suitable_cache_subpath(source))
+
+
 @functools.lru_cache(maxsize=1)
 def kernel_cache_dir() -> str | None:
     """The first safe, writable folder of: NUMBA_CACHE_DIR, the package's __pycache__,
@@ -99,6 +106,7 @@ def kernel_cache_dir() -> str | None:
         problem = cache_folder_problem(folder)
         if problem is None and _writable(folder):
             numba.config.CACHE_DIR = folder
+            _make(_numba_subfolder(folder))   # before Numba makes it with the umask's mode
             return folder
         if problem is not None and origin != "package" and os.path.lexists(folder):
             log.warning("not caching compiled kernels in %s (%s): it %s", folder, origin, problem)
@@ -138,6 +146,10 @@ def _unsealed(blob: bytes, path: str) -> bytes:
     if not blob.startswith(_MAGIC) or hashlib.sha256(payload).digest() != blob[len(_MAGIC):head]:
         raise _Unreadable(path)
     return payload
+
+
+class _Unusable(Exception):
+    """A kernel's cache subfolder that fails cache_folder_problem."""
 
 
 class _Unreadable(Exception):
@@ -186,6 +198,11 @@ def _cache_classes():
         _impl_class = OnlyCacheDir
 
         def __init__(self, py_func):
+            sub = _numba_subfolder(kernel_cache_dir(), inspect.getfile(py_func))
+            _make(sub)
+            problem = cache_folder_problem(sub)
+            if problem is not None:
+                raise _Unusable(f"{sub} {problem}")
             super().__init__(py_func)
             self._cache_file = CheckedFile(self._cache_path, self._impl.filename_base,
                                            self._impl.locator.get_source_stamp())
@@ -213,10 +230,14 @@ def guard_kernel_caches(dispatchers) -> None:
     """Give each Numba dispatcher a cache that checks its files (or, uncached, one that says when
     it compiles). Called by ufcpu/kernels.py on its own kernels, before any is compiled."""
     checked, uncached = _cache_classes()
+    warned = False
     for d in dispatchers:
         try:
             d._cache = checked(d.py_func) if kernel_cache_dir() else uncached()
-        except RuntimeError:               # no locator: the folder vanished since it was chosen
+        except (_Unusable, RuntimeError) as e:   # RuntimeError: no locator, the folder vanished
+            if not warned:
+                warned = True
+                log.warning("not caching compiled kernels: %s", e)
             d._cache = uncached()
 
 
