@@ -154,8 +154,8 @@ def stream_bandwidth(nbytes: int, passes: int = 5) -> float:
     best pass is taken because the result is used as a floor: an optimistic bandwidth makes a
     conservative floor."""
     import numba
-    from ufcpu import kernels
-    numba.set_num_threads(min(kernels.threads(), numba.config.NUMBA_NUM_THREADS))   # ufcpu's setting
+    from ufcpu import threads
+    numba.set_num_threads(min(threads.count(), numba.config.NUMBA_NUM_THREADS))   # ufcpu's setting
     a = np.ones(max(1, nbytes // 4), np.float32)
     kernel = _stream_sum()
     kernel(a[:1024])
@@ -285,9 +285,9 @@ def machine_info() -> dict:
 
 def ufcpu_threads() -> dict:
     """ufcpu's thread setting in this Python thread, and the helper threads started so far."""
-    from ufcpu import kernels, workshare
-    return {"max_threads": kernels.max_threads(), "current_threads": kernels.threads(),
-            "helper_threads_started": workshare.helper_count()}
+    from ufcpu import threads
+    return {"max_threads": threads.available(), "current_threads": threads.count(),
+            "helper_threads_started": threads.helper_count()}
 
 
 def _cpu_times() -> tuple[float, float] | None:

@@ -230,9 +230,12 @@ def ufcpu_ffn(name: str, weights):
 
 def ufcpu_runner(row: Row, plan: dict, threads: int):
     import accuracy
-    from ufcpu import kernels
+    from ufcpu import kernels, settings
     from ufcpu import model as fwd
+    from ufcpu import threads as ufcpu_threads
+    settings.tune_malloc()                        # as the ufcpu command does
     m = accuracy.load(plan["engine_dir"], row.precision, threads)
+    ufcpu_threads.set_threads(m.threads)          # fwd.encoder is called directly, outside a model call
     kernels.warmup()
     ffn = ufcpu_ffn(row.ffn, m.weights)
     extras = {"encode_sentence": lambda: m.encode(SENTENCE)} if row.ffn == "fff" else {}
@@ -285,8 +288,8 @@ def latency(fn, sizes: Sizes) -> dict:
 
 
 # Blocks of ufcpu's forward pass timed by `breakdown`: model.<function> -> label, and the kernels
-# launched through kernels.run -> label. Both are looked up at call time (model.py calls its own
-# globals and `kernels.run`), so replacing them inside this worker process times them without
+# launched through threads.run -> label. Both are looked up at call time (model.py calls its own
+# globals and `threads.run`), so replacing them inside this worker process times them without
 # touching the code.
 TIMED_FUNCTIONS = {"attention": "attention", "attention_packed": "attention", "linear": "projections",
                    "layer_norm": "layer_norm"}
@@ -308,13 +311,13 @@ def _timer(fn, label_of, acc):
 @contextlib.contextmanager
 def timed_blocks():
     """-> a dict label -> seconds accumulated while the context is open."""
-    from ufcpu import kernels
     from ufcpu import model as fwd
+    from ufcpu import threads
     acc: dict[str, float] = collections.defaultdict(float)
-    saved = [(fwd, name, getattr(fwd, name)) for name in TIMED_FUNCTIONS] + [(kernels, "run", kernels.run)]
+    saved = [(fwd, name, getattr(fwd, name)) for name in TIMED_FUNCTIONS] + [(threads, "run", threads.run)]
     for name, label in TIMED_FUNCTIONS.items():
         setattr(fwd, name, _timer(getattr(fwd, name), lambda *a, label=label: label, acc))
-    kernels.run = _timer(kernels.run, lambda kernel, *a: TIMED_KERNELS.get(kernel.py_func.__name__), acc)
+    threads.run = _timer(threads.run, lambda kernel, *a: TIMED_KERNELS.get(kernel.py_func.__name__), acc)
     try:
         yield acc
     finally:

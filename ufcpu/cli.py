@@ -265,16 +265,18 @@ def cmd_cache(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from . import hub, threads
+    from . import hub, settings, threads
     model = _load(args)
+    with threads.calls(model.threads):           # what every call of the model runs with
+        blas = threads.blas_threads()
     info = {
         "source": str(model.source),
         "engine_folder": str(model.path),
         "cache_dir": str(hub.cache_dir()),
-        "numba_cache_dir": os.environ.get("NUMBA_CACHE_DIR") or "(next to the package)",
+        "numba_cache_dir": settings.kernel_cache_dir() or "(none usable: kernels compile in every process)",
         "config": model.config.to_json(),
-        "threads": {"kernels": model.threads, "blas": threads.blas_threads(), "cores": threads.cpu_count(),
-                    "blas_idle_workers": "sleep" if threads.blas_workers_sleep() else "spin (NumPy was imported first)"},
+        "threads": {"kernels": model.threads, "blas": blas, "cores": threads.cpu_count(),
+                    "blas_idle_workers": "sleep" if settings.blas_workers_sleep() else "spin (NumPy was imported first)"},
         "version": _version(),
     }
     print(json.dumps(info, indent=2))
@@ -301,6 +303,9 @@ COMMANDS = {"encode": cmd_encode, "fill-mask": cmd_fill_mask, "classify": cmd_cl
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="ufcpu: %(message)s", stream=sys.stderr)
+    from . import settings
+    if settings.malloc_tuning_wanted():
+        settings.tune_malloc()     # freed activations reused across layers: it pays (bench/README.md, "Memory")
     try:
         return COMMANDS[args.command](args)
     except (UfcpuError, ValueError, OSError) as e:

@@ -12,7 +12,7 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from . import heads, hub, kernels, malloc
+from . import heads, hub
 from . import model as fwd
 from . import threads as _threads
 from .config import Config
@@ -52,8 +52,7 @@ class Model:
         eng = open_engine(self.path, check=check, by_source=self.source != self.path, checked=checked)
         self.config: Config = eng.config
         self.weights, self.tokenizer = eng.weights, eng.tokenizer
-        self.threads = _threads.set_threads(threads)
-        malloc.keep_freed_memory()   # reuse activation pages across layers (ufcpu/malloc.py)
+        self.threads = _threads.resolve(threads)   # applied by every call (ufcpu/threads.py)
 
     def __repr__(self) -> str:
         c = self.config
@@ -106,14 +105,14 @@ class Model:
         return self._forward(ids, mask)
 
     def _forward(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        # The kernels' thread count is per calling thread: apply this model's setting in every thread.
-        kernels.set_threads(self.threads)
-        return fwd.encoder(ids, mask, self.weights, self.config, self.ffn)
+        with _threads.calls(self.threads):
+            return fwd.encoder(ids, mask, self.weights, self.config, self.ffn)
 
     def mlm_logits(self, input_ids, attention_mask=None) -> np.ndarray:
         """-> float32 [B, S, V] (MLM checkpoints)."""
         self._need("mlm", "mlm_logits")
-        return heads.mlm_logits(self.hidden_states(input_ids, attention_mask), self.weights)
+        with _threads.calls(self.threads):
+            return heads.mlm_logits(self.hidden_states(input_ids, attention_mask), self.weights)
 
     def _need(self, task: str, what: str) -> None:
         if self.config.task != task:
@@ -199,7 +198,8 @@ class Model:
         if where.size == 0:
             raise InputError(f"no mask token in the text: write {tok.mask_token} (or [MASK]) where a word should be predicted")
         h = self.hidden_states(b.input_ids)[0]                  # [S, H]
-        probs = heads.softmax(heads.mlm_logits(h[where], self.weights))   # [M, V]
+        with _threads.calls(self.threads):
+            probs = heads.softmax(heads.mlm_logits(h[where], self.weights))   # [M, V]
         k = min(top_k, probs.shape[1])
         # As the pipeline: token_str shows special tokens too, and with several masks `sequence`
         # keeps the special tokens, so the masks not being filled stay visible.
@@ -231,7 +231,8 @@ class Model:
         out = np.empty((len(lst), self.config.num_labels), f32)
         for idx, h, mask in self._hidden_batches(lst, batch_size):
             pooled = heads.pool_items(h, mask, self.config.pooler)
-            out[idx] = heads.classify_pooled(pooled, self.weights, self.config)
+            with _threads.calls(self.threads):
+                out[idx] = heads.classify_pooled(pooled, self.weights, self.config)
         return out[0] if single else out
 
     def predict(self, items, batch_size: int = 32) -> list[dict]:
