@@ -17,6 +17,7 @@ import math
 import os
 import platform
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -39,7 +40,7 @@ ENV_KEYS = ("OPENBLAS_CORETYPE", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL
             "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 
 PACKAGES = ("ufcpu", "numpy", "numba", "llvmlite", "tokenizers", "safetensors", "huggingface-hub",
-            "onnx", "onnxruntime", "torch", "matplotlib")
+            "onnx", "onnxruntime", "openvino", "torch", "matplotlib")
 
 # CPU flags that decide which kernels BLAS, Numba, ONNX Runtime and PyTorch can use.
 SIMD_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
@@ -153,8 +154,8 @@ def stream_bandwidth(nbytes: int, passes: int = 5) -> float:
     best pass is taken because the result is used as a floor: an optimistic bandwidth makes a
     conservative floor."""
     import numba
-    from ufcpu import kernels
-    numba.set_num_threads(min(kernels.threads(), numba.config.NUMBA_NUM_THREADS))   # ufcpu's setting
+    from ufcpu import threads
+    numba.set_num_threads(min(threads.count(), numba.config.NUMBA_NUM_THREADS))   # ufcpu's setting
     a = np.ones(max(1, nbytes // 4), np.float32)
     kernel = _stream_sum()
     kernel(a[:1024])
@@ -308,9 +309,9 @@ def machine_info() -> dict:
 
 def ufcpu_threads() -> dict:
     """ufcpu's thread setting in this Python thread, and the helper threads started so far."""
-    from ufcpu import kernels, workshare
-    return {"max_threads": kernels.max_threads(), "current_threads": kernels.threads(),
-            "helper_threads_started": workshare.helper_count()}
+    from ufcpu import threads
+    return {"max_threads": threads.available(), "current_threads": threads.count(),
+            "helper_threads_started": threads.helper_count()}
 
 
 def _cpu_times() -> tuple[float, float] | None:
@@ -373,6 +374,35 @@ class OthersCpu:
 
 def loadavg() -> list[float] | None:
     return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+
+
+# --- the benchmarks' checkpoint ------------------------------------------------------------------
+
+SMOKE_CHECKPOINT = dict(layers=2, hidden=64, heads=4, depth=3, vocab=512)   # --smoke runs' random model
+
+
+def random_checkpoint(folder: Path, dims: dict | None) -> Path:
+    """The project's random checkpoint in the Hub layout (full size: 755 MB, ~5 s), written once:
+    into a temporary folder renamed when complete, so a half-written one is never reused."""
+    if (folder / "model.safetensors").is_file():
+        return folder
+    from weights_convert.random_checkpoint import write_random_checkpoint
+    log(f"writing a random checkpoint to {folder} (once)")
+    tmp = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write_random_checkpoint(tmp, **(dims or {}))
+    tmp.rename(folder)
+    return folder
+
+
+def bench_checkpoint(smoke: bool, dims: dict | None = None) -> Path:
+    """The random checkpoint every benchmark runs by default, cached in ufcpu's cache folder:
+    the full-size model (seed 0), or for --smoke a tiny one (dims, default SMOKE_CHECKPOINT)."""
+    from ufcpu import hub
+    cache = hub.cache_dir() / "bench"
+    if smoke:
+        return random_checkpoint(cache / "random-smoke", dims or SMOKE_CHECKPOINT)
+    return random_checkpoint(cache / "random-full-seed0", None)
 
 
 # --- output ---------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import math
 
 import numpy as np
 
-from ufcpu import kernels
+from ufcpu import kernels, threads
 
 f32 = np.float32
 CRAMMED_SEED = 1234   # the 3072-wide random weights: every engine and worker regenerates the same ones
@@ -39,7 +39,7 @@ def dense_ff(y: np.ndarray, ff: DenseFF) -> np.ndarray:  # [T, H] -> [T, H]
     g = y @ ff.w1.T                                  # [T, F]
     if ff.b1 is not None:
         g += ff.b1
-    kernels.run(kernels.gelu_, g)                    # with ufcpu's helper threads, as the engine's kernels
+    threads.run(kernels.gelu_, g)                    # with ufcpu's helper threads, as the engine's kernels
     return g @ ff.w2.T                               # [T, H]
 
 

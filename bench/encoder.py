@@ -7,7 +7,11 @@ exact Hub layout unless --model names a real one) and the same token ids:
   `ffn="dense-masked"`, what Hub users get today;
 - the same engine with a dense 3072-wide FF (crammedBERT cost; random weights);
 - ONNX Runtime on an equivalent dense graph (3072, and 4095 wide with the FFF's own weights) and a
-  PyTorch module doing the same, each only when installed (the optional [bench] extras).
+  PyTorch module doing the same, each only when installed (the optional [bench] extras);
+- reduced precision: ufcpu with `precision="int8"`, the 3072 graph quantized by ONNX Runtime
+  (`quantize_dynamic`, int8 weights) and the same graph compiled by OpenVINO at its default precision
+  (bfloat16 where the CPU has it); each with the token cosine to the float32 version of the same
+  engine and graph.
 Workloads: batches of 1, 8 and 32 sequences of 128 tokens, a realistic mix of lengths (8 to 128,
 mean about 30, sorted and batched by 32 as ufcpu.Model.encode does), and the p50/p95 latency of one
 short sentence; at 1 and 2 threads; peak memory per row.
@@ -27,7 +31,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -53,6 +56,7 @@ class Row:
     ffn: str            # "fff", "dense-masked", "dense-crammed" (4H, random) or "dense-equal" (N, the FFF's weights)
     what: str           # "{n}" is replaced by the FF width
     default: bool = True   # run without --rows (False: only on request, to keep the run short)
+    precision: str = "float32"   # "int8", or "default" (the engine's own choice: OpenVINO's bf16 on bf16 CPUs)
 
 
 ROWS = (
@@ -65,14 +69,21 @@ ROWS = (
     Row("torch-dense-crammed", "torch", "dense-crammed", "PyTorch eager module, {n}-wide FF"),
     Row("torch-dense-equal", "torch", "dense-equal", "PyTorch eager module, {n}-wide FF (FFF weights used densely)",
         default=False),
+    Row("ufcpu-int8", "ufcpu", "fff", "ufcpu, FFF tree walk, precision=\"int8\"", precision="int8"),
+    Row("ort-int8-crammed", "onnxruntime", "dense-crammed",
+        "ONNX Runtime, the {n}-wide graph quantized (quantize_dynamic, QInt8 weights)", precision="int8"),
+    Row("openvino-crammed", "openvino", "dense-crammed",
+        "OpenVINO, the {n}-wide graph at its default precision (LATENCY hint)", precision="default"),
 )
 
 # family -> the optional modules it needs
-FAMILY_NEEDS = {"ufcpu": (), "onnxruntime": ("onnx", "onnxruntime"), "torch": ("torch",)}
+FAMILY_NEEDS = {"ufcpu": (), "onnxruntime": ("onnx", "onnxruntime"), "torch": ("torch",),
+                "openvino": ("onnx", "openvino")}
+ONNX_FAMILIES = ("onnxruntime", "openvino")   # the runners that read bench/onnx_graph.py's graph
 
 # --smoke runs these families together, to save process start-ups. torch brings its own OpenMP
 # runtime: it never shares a process with Numba's OpenMP pool, even in the smoke run.
-SMOKE_GROUPS = (("ufcpu", "onnxruntime"), ("torch",))
+SMOKE_GROUPS = (("ufcpu", "onnxruntime"), ("torch",), ("openvino",))
 
 # row ffn -> the ufcpu computation a row's output is checked against ("the same math, another code")
 CHECK_AGAINST = {"fff": "dense-masked", "dense-masked": "fff", "dense-crammed": "dense-crammed",
@@ -109,7 +120,7 @@ class Sizes:
 FULL = Sizes(checkpoint=None, seq=128, batches=(1, 8, 32), mix_count=48, mix_range=(8, 128), mix_mean=30,
              min_repeats=3, max_repeats=10, budget_s=2.0, enough_s=2.0, latency_repeats=(20, 200),
              latency_budget_s=1.0)
-SMOKE = Sizes(checkpoint=dict(layers=2, hidden=64, heads=4, depth=3, vocab=512), seq=16, batches=(1, 4),
+SMOKE = Sizes(checkpoint=common.SMOKE_CHECKPOINT, seq=16, batches=(1, 4),
               mix_count=10, mix_range=(3, 16), mix_mean=6, min_repeats=1, max_repeats=1, budget_s=0.0,
               enough_s=0.0, latency_repeats=(2, 2), latency_budget_s=0.0)
 
@@ -163,24 +174,27 @@ def make_workloads(sizes: Sizes, cfg, pad_id: int, seed: int) -> dict[str, dict]
 
 # --- the model ------------------------------------------------------------------------------------
 
-def random_checkpoint(folder: Path, dims: dict | None) -> Path:
-    """The project's random checkpoint in the Hub layout (full size: 755 MB, ~5 s), written once:
-    into a temporary folder renamed when complete, so a half-written one is never reused."""
-    if (folder / "model.safetensors").is_file():
-        return folder
-    from weights_convert.random_checkpoint import write_random_checkpoint
-    log(f"writing a random checkpoint to {folder} (once)")
-    tmp = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    write_random_checkpoint(tmp, **(dims or {}))
-    tmp.rename(folder)
-    return folder
-
-
 def onnx_path(engine_dir: Path, ffn: str, cache: Path) -> Path:
     from onnx_graph import GRAPH_VERSION
     from dense import CRAMMED_SEED
     return cache / "onnx" / f"{engine_dir.name}-{ffn}-s{CRAMMED_SEED}-g{GRAPH_VERSION}.onnx"
+
+
+def graph_key(row: Row) -> str:
+    """Which ONNX file a row runs: the float32 graph of its FF, or its quantized copy."""
+    return f"{row.ffn}-int8" if row.family == "onnxruntime" and row.precision == "int8" else row.ffn
+
+
+def ensure_graphs(rows: list[Row], engine_dir: Path, cache: Path) -> dict[str, Path]:
+    """graph_key -> ONNX file, for every row that runs a graph."""
+    out: dict[str, Path] = {}
+    for r in rows:
+        if r.family in ONNX_FAMILIES:
+            out[r.ffn] = ensure_onnx(engine_dir, r.ffn, cache)
+            if graph_key(r) != r.ffn:
+                import onnx_graph
+                out[graph_key(r)] = onnx_graph.quantized_int8(out[r.ffn], log=log)
+    return out
 
 
 def ensure_onnx(engine_dir: Path, ffn: str, cache: Path) -> Path:
@@ -215,10 +229,13 @@ def ufcpu_ffn(name: str, weights):
 # Set-up (loading, session creation, weight copies) is never timed.
 
 def ufcpu_runner(row: Row, plan: dict, threads: int):
-    import ufcpu
-    from ufcpu import kernels
+    import accuracy
+    from ufcpu import kernels, settings
     from ufcpu import model as fwd
-    m = ufcpu.load(plan["engine_dir"], threads=threads)
+    from ufcpu import threads as ufcpu_threads
+    settings.tune_malloc()                        # as the ufcpu command does
+    m = accuracy.load(plan["engine_dir"], row.precision, threads)
+    ufcpu_threads.set_threads(m.threads)          # fwd.encoder is called directly, outside a model call
     kernels.warmup()
     ffn = ufcpu_ffn(row.ffn, m.weights)
     extras = {"encode_sentence": lambda: m.encode(SENTENCE)} if row.ffn == "fff" else {}
@@ -227,8 +244,19 @@ def ufcpu_runner(row: Row, plan: dict, threads: int):
 
 def ort_runner(row: Row, plan: dict, threads: int):
     import onnx_graph
-    sess = onnx_graph.session(Path(plan["onnx"][row.ffn]), threads)
+    sess = onnx_graph.session(Path(plan["onnx"][graph_key(row)]), threads)
     return (lambda ids, mask: sess.run(None, {"input_ids": ids, "attention_mask": mask})[0]), threads, {}
+
+
+def openvino_runner(row: Row, plan: dict, threads: int):
+    import onnx_graph
+    compiled = onnx_graph.openvino_compiled(Path(plan["onnx"][row.ffn]), threads, row.precision)
+    request, out = compiled.create_infer_request(), compiled.output(0)
+
+    def run(ids, mask):
+        return request.infer({"input_ids": ids, "attention_mask": mask})[out]
+    run.engine_precision = compiled.get_property("INFERENCE_PRECISION_HINT").to_string()   # what "default" chose here
+    return run, threads, {}
 
 
 def torch_runner(row: Row, plan: dict, threads: int):
@@ -242,7 +270,7 @@ def torch_runner(row: Row, plan: dict, threads: int):
     return run, torch.get_num_threads(), {}
 
 
-RUNNERS = {"ufcpu": ufcpu_runner, "onnxruntime": ort_runner, "torch": torch_runner}
+RUNNERS = {"ufcpu": ufcpu_runner, "onnxruntime": ort_runner, "torch": torch_runner, "openvino": openvino_runner}
 
 
 def time_workload(run, batches, sizes: Sizes) -> dict:
@@ -260,8 +288,8 @@ def latency(fn, sizes: Sizes) -> dict:
 
 
 # Blocks of ufcpu's forward pass timed by `breakdown`: model.<function> -> label, and the kernels
-# launched through kernels.run -> label. Both are looked up at call time (model.py calls its own
-# globals and `kernels.run`), so replacing them inside this worker process times them without
+# launched through threads.run -> label. Both are looked up at call time (model.py calls its own
+# globals and `threads.run`), so replacing them inside this worker process times them without
 # touching the code.
 TIMED_FUNCTIONS = {"attention": "attention", "attention_packed": "attention", "linear": "projections",
                    "layer_norm": "layer_norm"}
@@ -283,13 +311,13 @@ def _timer(fn, label_of, acc):
 @contextlib.contextmanager
 def timed_blocks():
     """-> a dict label -> seconds accumulated while the context is open."""
-    from ufcpu import kernels
     from ufcpu import model as fwd
+    from ufcpu import threads
     acc: dict[str, float] = collections.defaultdict(float)
-    saved = [(fwd, name, getattr(fwd, name)) for name in TIMED_FUNCTIONS] + [(kernels, "run", kernels.run)]
+    saved = [(fwd, name, getattr(fwd, name)) for name in TIMED_FUNCTIONS] + [(threads, "run", threads.run)]
     for name, label in TIMED_FUNCTIONS.items():
         setattr(fwd, name, _timer(getattr(fwd, name), lambda *a, label=label: label, acc))
-    kernels.run = _timer(kernels.run, lambda kernel, *a: TIMED_KERNELS.get(kernel.py_func.__name__), acc)
+    threads.run = _timer(threads.run, lambda kernel, *a: TIMED_KERNELS.get(kernel.py_func.__name__), acc)
     try:
         yield acc
     finally:
@@ -334,6 +362,19 @@ def check(row: Row, run, plan: dict, data) -> dict:
             "max_abs_ref": float(np.abs(ref[real]).max())}
 
 
+def precision_check(row: Row, run, threads: int, plan: dict, data, workloads: dict) -> dict | None:
+    """A reduced-precision row's token cosine (real tokens) to the float32 version of the same
+    engine and graph, on the check input and the mixed-length batches; None for float32 rows."""
+    import accuracy
+    if row.precision == "float32":
+        return None
+    twin, _, _ = RUNNERS[row.family](dataclasses.replace(row, precision="float32"), plan, threads)
+    inputs = [(data["check_ids"], data["check_mask"]), *workloads["mix"]]
+    cos = np.concatenate([accuracy.token_cosines(run(ids, mask), twin(ids, mask), mask) for ids, mask in inputs])
+    return {"against": f"{row.family}, float32, same weights", "token_cos_mean": float(cos.mean()),
+            "token_cos_min": float(cos.min()), "tokens": int(cos.size)}
+
+
 def measure_row(row: Row, threads: int, plan: dict, data, workloads: dict, sizes: Sizes) -> dict:
     """Set up one row, warm it, time every workload and the sentence latency, read its peak memory,
     then (untimed) the breakdown for the product row and the correctness check."""
@@ -366,6 +407,8 @@ def measure_row(row: Row, threads: int, plan: dict, data, workloads: dict, sizes
                                            "mix": workloads["mix"]})
         res["threads_info"] = common.ufcpu_threads()
     res["check"] = check(row, run, plan, data)
+    res["precision"] = getattr(run, "engine_precision", row.precision)
+    res["to_float32"] = precision_check(row, run, n_set, plan, data, workloads)
     res["versions"] = common.versions()
     return res
 
@@ -377,7 +420,14 @@ def worker(rows: list[Row], threads: int, plan_path: Path, result_path: Path) ->
     data = np.load(plan["data"])
     workloads = {name: [(data[f"{name}/{i}/ids"], data[f"{name}/{i}/mask"]) for i in range(n)]
                  for name, n in plan["workloads"].items()}
-    results = [measure_row(row, threads, plan, data, workloads, sizes) for row in rows]
+    results = []
+    for row in rows:
+        try:
+            results.append(measure_row(row, threads, plan, data, workloads, sizes))
+        except Exception as e:   # one row failing (an engine that cannot run here) keeps the others
+            line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            log(f"  {row.key}: error: {type(e).__name__}: {line}")
+            results.append({"row": row.key, "threads": threads, "error": f"{type(e).__name__}: {line}"})
     result_path.write_text(json.dumps(results))
 
 
@@ -385,8 +435,13 @@ def worker(rows: list[Row], threads: int, plan_path: Path, result_path: Path) ->
 
 def available(row: Row) -> str | None:
     """None if the row can run here, else why not."""
+    import accuracy
     missing = [m for m in FAMILY_NEEDS[row.family] if not common.have(m)]
-    return f"skipped: {', '.join(missing)} not installed (pip install -e '.[bench]')" if missing else None
+    if missing:
+        return f"skipped: {', '.join(missing)} not installed (pip install -e '.[bench]')"
+    if row.family == "ufcpu" and row.precision != "float32" and not accuracy.supports_precision():
+        return f"skipped: this ufcpu has no ufcpu.load(..., precision=...), so {row.precision} cannot run"
+    return None
 
 
 def run_worker(rows: list[Row], threads: int, plan_path: Path, tmp: Path, wait_idle_s: float) -> list[dict]:
@@ -430,6 +485,62 @@ def summarise(results: list[dict], rows: list[Row], cfg, workloads: dict) -> lis
     return out
 
 
+# Issue 13's targets for ufcpu's fastest mode against the faster reduced-precision peer, per workload:
+# tokens/s ratio at least this (the sentence: p50 latency ratio at most this).
+PEER_ROWS = ("ort-int8-crammed", "openvino-crammed")
+UFCPU_MODES = ("ufcpu-fff", "ufcpu-int8")
+PEER_TARGETS = {"8x128": 2.0, "mix": 2.0, "1x128": 1.5}
+SENTENCE_TARGET = 0.5
+
+
+def peer_ratios(results: list[dict], workloads: dict, with_targets: bool = True) -> list[dict]:
+    """Per thread count: ufcpu's fastest mode over the faster of ORT int8 and OpenVINO (tokens/s,
+    and the sentence p50), and ufcpu-int8 over ufcpu-fff. The targets are for the full sizes."""
+    ok = {(r["row"], r["threads"]): r for r in results if "workloads" in r}
+    out = []
+    for n in sorted({t for _, t in ok}):
+        mine = [ok[k, n] for k in UFCPU_MODES if (k, n) in ok]
+        peers = [ok[k, n] for k in PEER_ROWS if (k, n) in ok]
+        if not mine or not peers:
+            continue
+        for name in [*workloads, "sentence"]:
+            if name == "sentence":
+                best = min(mine, key=lambda r: r["latency"]["p50_ms"])
+                peer = min(peers, key=lambda r: r["latency"]["p50_ms"])
+                ratio, target = best["latency"]["p50_ms"] / peer["latency"]["p50_ms"], SENTENCE_TARGET
+            else:
+                best = max(mine, key=lambda r: r["workloads"][name]["tokens_per_s"])
+                peer = max(peers, key=lambda r: r["workloads"][name]["tokens_per_s"])
+                ratio = best["workloads"][name]["tokens_per_s"] / peer["workloads"][name]["tokens_per_s"]
+                target = PEER_TARGETS.get(name)
+            target = target if with_targets else None
+            reached = None if target is None else (ratio <= target if name == "sentence" else ratio >= target)
+            int8 = ok.get(("ufcpu-int8", n))
+            fp32 = ok.get(("ufcpu-fff", n))
+            over_f32 = None
+            if int8 and fp32:
+                over_f32 = (fp32["latency"]["p50_ms"] / int8["latency"]["p50_ms"] if name == "sentence" else
+                            int8["workloads"][name]["tokens_per_s"] / fp32["workloads"][name]["tokens_per_s"])
+            out.append({"threads": n, "workload": name, "ufcpu": best["row"], "peer": peer["row"], "ratio": ratio,
+                        "target": target, "reached": reached, "int8_over_float32": over_f32})
+    return out
+
+
+def peer_markdown(ratios: list[dict]) -> list[str]:
+    if not ratios:
+        return []
+    out = ["## ufcpu's fastest mode against the faster reduced-precision peer", "",
+           f"Tokens/s ratio (ufcpu / peer); the sentence row is the p50 latency ratio (ufcpu / peer, lower is "
+           f"better). Targets (issue 13): {', '.join(f'{k} >= {v:g}x' for k, v in PEER_TARGETS.items())}, "
+           f"sentence p50 <= {SENTENCE_TARGET:g}x. Last column: ufcpu-int8 speed over ufcpu-fff.", ""]
+    out.append(common.md_table(
+        ["threads", "workload", "ufcpu mode", "peer", "ratio", "target", "int8 / float32"],
+        [[r["threads"], r["workload"], r["ufcpu"], r["peer"], f"{fmt(r['ratio'])}x",
+          "-" if r["target"] is None else ("reached" if r["reached"] else "not reached"),
+          "-" if r["int8_over_float32"] is None else f"{fmt(r['int8_over_float32'])}x"] for r in ratios]))
+    return out + [""]
+
+
 def markdown(results: list[dict], rows: list[Row], skipped: dict, cfg, workloads: dict, speedups: list[dict],
              meta: dict) -> str:
     names = list(workloads)
@@ -444,17 +555,20 @@ def markdown(results: list[dict], rows: list[Row], skipped: dict, cfg, workloads
     for r in sorted(results, key=lambda r: (r["threads"], [x.key for x in rows].index(r["row"]))):
         row = next(x for x in rows if x.key == r["row"])
         if "error" in r:
-            table.append([row.key, r["threads"]] + ["error"] * (len(names) + 4))
+            table.append([f"{row.key}: error: {r['error']}", r["threads"]] + ["-"] * (len(names) + 5))
             continue
-        chk = r["check"]
-        table.append([f"{row.key}: {label(row, cfg)}", r["threads"]]
+        chk, f32 = r["check"], r.get("to_float32")
+        mode = "" if r.get("precision", "float32") == "float32" and row.precision == "float32" else f" ({r['precision']})"
+        table.append([f"{row.key}: {label(row, cfg)}{mode}", r["threads"]]
                      + [fmt(r["workloads"][k]["tokens_per_s"]) for k in names]
                      + [f"{fmt(r['latency']['p50_ms'])} / {fmt(r['latency']['p95_ms'])}",
                         fmt(r["peak_rss_mb"], 4),
-                        f"{chk['max_abs_diff']:.1e} vs {chk['against']}", fmt(r.get("others_cpu_cores"), 2)])
+                        f"{chk['max_abs_diff']:.1e} vs {chk['against']}",
+                        "-" if not f32 else f"{f32['token_cos_mean']:.5f} / {f32['token_cos_min']:.5f}",
+                        fmt(r.get("others_cpu_cores"), 2)])
     out.append(common.md_table(["engine", "threads"] + [f"{k} tok/s" for k in names]
                                + ["sentence p50 / p95 ms", "peak RSS MB", "check: max abs diff",
-                                  "others' CPUs"], table))
+                                  "token cos to its float32 (mean / min)", "others' CPUs"], table))
     out.append("")
     enc = [r for r in results if "encode_sentence" in r]
     if enc:
@@ -465,13 +579,13 @@ def markdown(results: list[dict], rows: list[Row], skipped: dict, cfg, workloads
     prof = [r for r in results if "breakdown" in r]
     if prof:
         parts = ("projections", "attention_other", "softmax", "layer_norm", "fff_walk", "other")
-        out += ["## Where ufcpu-fff spends its time", "",
+        out += ["## Where ufcpu's FFF rows spend their time", "",
                 "One instrumented run per case; shares of wall-clock. projections = the QKV and output "
                 "products; attention_other = the score and context products and reshapes (and the "
                 "softmax, when the heads are shared between threads: from 65536 scores); other = "
                 "embedding, residual adds, mask, Python.", ""]
-        out.append(common.md_table(["threads", "case", "total ms"] + list(parts),
-                                   [[r["threads"], case, fmt(b["total_ms"])]
+        out.append(common.md_table(["row", "threads", "case", "total ms"] + list(parts),
+                                   [[r["row"], r["threads"], case, fmt(b["total_ms"])]
                                     + [f"{100 * b[p] / b['total_ms']:.0f}%" for p in parts]
                                     for r in prof for case, b in r["breakdown"].items()]))
         out.append("")
@@ -575,8 +689,7 @@ def main(argv: list[str] | None = None) -> int:
     from ufcpu import hub
     cache = hub.cache_dir() / "bench"
     info = common.machine_info()
-    source = args.model or random_checkpoint(cache / ("random-smoke" if args.smoke else "random-full-seed0"),
-                                             sizes.checkpoint)
+    source = args.model or common.bench_checkpoint(args.smoke, sizes.checkpoint)
     engine_dir, _ = hub.resolve(source, log=log)
     m = ufcpu.load(engine_dir, threads=1)
     cfg, pad_id = m.config, m.tokenizer.pad_id
@@ -588,7 +701,7 @@ def main(argv: list[str] | None = None) -> int:
     wanted = [by_key[k] for k in args.rows.split(",")] if args.rows else [r for r in ROWS if r.default]
     skipped = {r.key: why for r in wanted if (why := available(r))}
     rows = [r for r in wanted if r.key not in skipped]
-    onnx_paths = {r.ffn: ensure_onnx(engine_dir, r.ffn, cache) for r in rows if r.family == "onnxruntime"}
+    onnx_paths = ensure_graphs(rows, engine_dir, cache)
     thread_counts = common.parse_ints(args.threads or ("1" if args.smoke else "1,2"))
 
     results = []
@@ -608,7 +721,8 @@ def main(argv: list[str] | None = None) -> int:
             "sentence_tokens": int(sentence[1].sum())}
     png = args.out / "encoder.png"
     plotted = plot(results, rows, cfg, workloads, png)
-    md = markdown(results, rows, skipped, cfg, workloads, speedups, meta)
+    ratios = peer_ratios(results, workloads, with_targets=not args.smoke)
+    md = "\n".join([markdown(results, rows, skipped, cfg, workloads, speedups, meta), *peer_markdown(ratios)])
     if not plotted:
         md += "\n(plot skipped: matplotlib is not installed)\n"
     info["loadavg_at_end"] = common.loadavg()
@@ -624,7 +738,7 @@ def main(argv: list[str] | None = None) -> int:
                            "onnxruntime": "intra_op_num_threads=n, inter_op_num_threads=1, sequential",
                            "torch": "torch.set_num_threads(n)"},
         "isolation": "one process per (row, threads)" if not args.smoke else f"process groups {SMOKE_GROUPS} (smoke)",
-        "results": results, "speedups": speedups, "plot": png.name if plotted else None,
+        "results": results, "speedups": speedups, "peer_ratios": ratios, "plot": png.name if plotted else None,
         "wall_s": time.perf_counter() - started})
     common.write_text(args.out / "encoder.md", md)
     print(md)

@@ -1,6 +1,6 @@
 """Kernel-level measurements behind two of ufcpu's choices, so that they can be checked on any machine:
 
-- `shared`: each kernel (ufcpu/kernels.py) on the calling thread alone against `kernels.run`,
+- `shared`: each kernel (ufcpu/kernels.py) on the calling thread alone against `threads.run`,
   where helper threads join it, at growing sizes, with a BLAS product before every call as in the
   forward pass (every kernel there follows a GEMM). The size from which helpers pay off is the
   threshold in `kernels._SHARED`.
@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from common import fmt, log  # noqa: E402
 
-from ufcpu import kernels, threads  # noqa: E402
+from ufcpu import kernels, settings, threads  # noqa: E402
 from ufcpu import model as fwd  # noqa: E402
 
 f32 = np.float32
@@ -82,8 +82,8 @@ def measure_shared(token_counts, repeats: int, rng) -> list[dict]:
         for name, (kernel, args) in shared_cases(t, rng, tree).items():
             if name == "matmul_nt" and t > fwd.SMALL_PRODUCT_TOKENS:
                 continue
-            alone = per_call_us(lambda: kernels.run_here(kernel, *args), gemm, repeats)
-            shared = per_call_us(lambda: kernels.run(kernel, *args), gemm, repeats)
+            alone = per_call_us(lambda: threads.run_here(kernel, *args), gemm, repeats)
+            shared = per_call_us(lambda: threads.run(kernel, *args), gemm, repeats)
             helped = args[0].size >= kernels._SHARED[kernel]
             rows.append({"kernel": name, "tokens": t, "alone_us": alone, "shared_us": shared,
                          "run_uses": "helpers" if helped else "alone"})
@@ -105,7 +105,7 @@ def measure_products(token_counts, repeats: int, rng) -> list[dict]:
 
             def kernel():
                 for w in ws:
-                    kernels.run(kernels.matmul_nt, x, w, out)
+                    threads.run(kernels.matmul_nt, x, w, out)
             b = per_call_us(blas, lambda: None, repeats) / len(ws)
             k = per_call_us(kernel, lambda: None, repeats) / len(ws)
             rows.append({"n": n_out, "tokens": m, "blas_us": b, "matmul_nt_us": k,
@@ -117,7 +117,7 @@ def measure_products(token_counts, repeats: int, rng) -> list[dict]:
 def markdown(shared: list[dict], products: list[dict], n_threads: int, info: dict) -> str:
     out = ["# Kernels: helper thresholds and small products", "",
            f"{n_threads} threads; {info.get('cpu_model') or 'CPU'}. Microseconds per call, medians. "
-           "'used' is what ufcpu picks at that size (kernels.run, model.linear).", "",
+           "'used' is what ufcpu picks at that size (threads.run, model.linear).", "",
            "## The calling thread alone, or helpers joining it (a BLAS product before every call)", ""]
     out.append(common.md_table(
         ["kernel", "tokens", "alone us", "with helpers us", "faster", "used"],
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     products = measure_products(product_tokens, max(3, repeats // 4), rng)
     info = common.machine_info()
     info["threads"] = common.ufcpu_threads()
-    info["blas_idle_workers_sleep"] = threads.blas_workers_sleep()
+    info["blas_idle_workers_sleep"] = settings.blas_workers_sleep()
     args.out.mkdir(parents=True, exist_ok=True)
     common.write_json(args.out / "kernels.json", {"benchmark": "kernels", "smoke": args.smoke, "threads": n,
                                                   "machine": info, "shared": shared,

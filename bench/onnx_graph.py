@@ -7,7 +7,8 @@ embedding Gather + scaled sinusoidal positions, LayerNorm; per layer a pre-LN bl
 MatMul, per-head attention with the additive -10000 key mask and Softmax, the output projection,
 a dense GELU (erf) feedforward; the final LayerNorm. Output: hidden states [B, S, H].
 
-Only this file and bench/encoder.py import onnx; it is an optional extra.
+Also here: the graph quantized by ONNX Runtime, and compiled by OpenVINO, as a user of either would.
+Only this file and bench/encoder.py import onnx; it is an optional extra (as are onnxruntime and openvino).
 """
 from __future__ import annotations
 
@@ -135,3 +136,34 @@ def session(path: Path, threads: int):
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def quantized_int8(path: Path, log=print) -> Path:
+    """The graph quantized as a user would in two lines: ONNX Runtime's dynamic quantization with
+    int8 weights (`quantize_dynamic(..., weight_type=QuantType.QInt8)`, defaults otherwise). Built
+    once per ORT version, under a temporary name renamed when complete (the int8 full model fits
+    one protobuf, so no external data)."""
+    import onnxruntime
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    out = path.with_name(f"{path.stem}-int8-ort{onnxruntime.__version__}.onnx")
+    if out.is_file():
+        return out
+    log(f"quantizing {path.name} -> {out.name} (once)")
+    tmp = out.with_name(out.stem + ".partial.onnx")
+    quantize_dynamic(str(path), str(tmp), weight_type=QuantType.QInt8)
+    tmp.replace(out)
+    return out
+
+
+# OpenVINO's precision: its default (bf16 on CPUs with bf16 units, else f32), or f32 (the float twin)
+OPENVINO_PRECISION = {"default": {}, "float32": {"INFERENCE_PRECISION_HINT": "f32"}}
+
+
+def openvino_compiled(path: Path, threads: int, precision: str = "default"):
+    """The float32 graph compiled by OpenVINO for the CPU with `threads` threads and the LATENCY
+    hint (one request at a time, as the benchmark runs it)."""
+    import openvino
+
+    config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY", **OPENVINO_PRECISION[precision]}
+    return openvino.Core().compile_model(str(path), "CPU", config)

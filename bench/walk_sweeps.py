@@ -83,7 +83,7 @@ def variants(x, w_in, b_in, w_out, depth) -> dict:
     routes = np.zeros((t, depth + 1), np.int32)
     logits = np.zeros((t, depth + 1), f32)
     return {
-        "walk": lambda: kernels.run_here(kernels.fff_walk, x, w_in, b_in, w_out, depth, out, routes, logits),
+        "walk": lambda: threads.run_here(kernels.fff_walk, x, w_in, b_in, w_out, depth, out, routes, logits),
         "route": lambda: route_sweep(x, w_in, b_in, depth, routes, logits),
         "output": lambda: output_sweep(w_out, depth, routes, logits, out, np.arange(t, dtype=np.int32)),
         "output by leaf": lambda: output_sweep(w_out, depth, routes, logits, out,

@@ -1,5 +1,5 @@
 """ufcpu sets OPENBLAS_THREAD_TIMEOUT before NumPy loads OpenBLAS, so that OpenBLAS's idle workers
-sleep instead of spinning on the cores the Numba kernels need next (ufcpu/threads.py)."""
+sleep instead of spinning on the cores the Numba kernels need next (ufcpu/settings.py)."""
 import json
 import os
 import subprocess
@@ -11,8 +11,8 @@ PROBE = r'''
 import json, os, sys
 {first}
 import ufcpu
-from ufcpu import threads
-print(json.dumps({{"timeout": os.environ.get("OPENBLAS_THREAD_TIMEOUT"), "sleep": threads.blas_workers_sleep()}}))
+from ufcpu import settings
+print(json.dumps({{"timeout": os.environ.get("OPENBLAS_THREAD_TIMEOUT"), "sleep": settings.blas_workers_sleep()}}))
 '''
 
 
@@ -37,18 +37,18 @@ def test_the_users_value_is_kept(first):
     assert probe(first, OPENBLAS_THREAD_TIMEOUT="12") == {"timeout": "12", "sleep": True}
 
 
-def test_blas_single_threaded_then_back_to_the_callers_setting():
-    from ufcpu import kernels, threads
+def test_shared_heads_run_on_one_blas_thread_then_back_to_the_callers_count():
+    from ufcpu import threads
     if threads.blas_threads() is None:
         pytest.skip("OpenBLAS not found among the loaded libraries")
-    n = threads.set_threads(None)
-    try:
-        with threads.blas_single_threaded():
-            assert threads.blas_threads() == 1
-        assert threads.blas_threads() == kernels.threads() == n
+    inside = []
+    with threads.calls(2):
+        assert threads.share_heads(lambda i: inside.append(threads.blas_threads()), 4, threads.SHARED_ATTENTION_SCORES)
+        assert inside == [1] * 4 and threads.blas_threads() == 2
         with pytest.raises(RuntimeError):
-            with threads.blas_single_threaded():
-                raise RuntimeError("inside")
-        assert threads.blas_threads() == n
-    finally:
-        threads.set_threads(None)
+            threads.share_heads(lambda i: (_ for _ in ()).throw(RuntimeError("inside")), 4, 1 << 20)
+        assert threads.blas_threads() == 2
+        assert not threads.share_heads(inside.append, 4, threads.SHARED_ATTENTION_SCORES - 1)   # too small
+    with threads.calls(1):
+        assert not threads.share_heads(inside.append, 4, 1 << 20)                            # no helpers
+    assert len(inside) == 4

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import ufcpu
-from ufcpu import CheckpointError
+from ufcpu import CheckpointError, layout
 from ufcpu.errors import CacheError, UfcpuError
 from weights_convert.convert import convert
 from weights_convert.random_checkpoint import write_random_checkpoint
@@ -392,34 +392,56 @@ def test_float16_and_float64_weights_are_converted(ckpt):
 
 # --- NaN / inf on request ----------------------------------------------------------------------
 
-@pytest.mark.parametrize("name,value,engine_name", [
-    (W_IN, float("nan"), "layers.0.w_in"),
-    ("encoder.final_norm.bias", float("inf"), "final_ln_b"),
-    ("encoder.embedding.norm.weight", float("-inf"), "emb_ln_w"),
-    ("encoder.embedding.pos_embedding.scale_factor", float("nan"), "pos_scale"),
+W_OUT = "encoder.layers.0.ffn.linear_out.weight"
+QKV = "encoder.layers.0.attn.self_attention.query_key_value.weight"
+
+
+def poison(path: Path, name: str, flat: int, value: float) -> None:
+    """Write value at flat index `flat` of tensor `name` (float32) in a safetensors file."""
+    header, data = read_st(path)
+    b = header[name]["data_offsets"][0] + 4 * flat
+    write_st(path, header, data[:b] + np.float32(value).tobytes() + data[b + 4:])
+
+
+@pytest.mark.parametrize("name,flat,value", [
+    (W_IN, 1, float("nan")),
+    ("encoder.final_norm.bias", 1, float("inf")),
+    ("encoder.embedding.norm.weight", 1, float("-inf")),
+    ("encoder.embedding.pos_embedding.scale_factor", 0, float("nan")),
+    (W_OUT, 5, float("nan")),        # stored transposed in the engine: the position is the file's
+    (QKV, 16 * 9 + 3, float("inf")),   # rows regrouped in the engine: the position is the file's
 ])
-def test_nan_weights_refused_with_check(ckpt, name, value, engine_name):
-    header, data = read_st(ckpt / WEIGHTS)
-    b = header[name]["data_offsets"][0]
-    data = data[:b + 4] + np.float32(value).tobytes() + data[b + 8:] if header[name]["shape"] != [1] \
-        else data[:b] + np.float32(value).tobytes() + data[b + 4:]
-    write_st(ckpt / WEIGHTS, header, data)
+def test_nan_weights_refused_with_check(ckpt, name, flat, value):
+    """--check names the user's own file, the tensor's name in it and the position in it."""
+    poison(ckpt / WEIGHTS, name, flat, value)
     ufcpu.load(ckpt)                                   # without check: loads (the scan reads every byte)
-    refused(ckpt, f"tensor {engine_name} holds NaN or inf values", check=True)
+    refused(ckpt, f"{ckpt / WEIGHTS}: tensor {name!r} holds NaN or inf values (first at flat index {flat}: ",
+            check=True)
 
 
 def test_nan_weights_in_classifier_head(cls_ckpt):
-    header, data = read_st(cls_ckpt / WEIGHTS)
-    b = header["head.bias"]["data_offsets"][0]
-    write_st(cls_ckpt / WEIGHTS, header, data[:b] + np.float32("nan").tobytes() + data[b + 4:])
-    refused(cls_ckpt, "tensor head_b holds NaN or inf values (first at flat index 0: nan)", check=True)
+    poison(cls_ckpt / WEIGHTS, "head.bias", 0, float("nan"))
+    refused(cls_ckpt, "tensor 'head.bias' holds NaN or inf values (first at flat index 0: nan)", check=True)
+
+
+def test_nan_weights_in_an_engine_folder_are_named_by_engine_name(ckpt, tmp_path):
+    """A converted folder loaded as it is: the engine file and its own tensor name."""
+    poison(ckpt / WEIGHTS, W_OUT, 5, float("nan"))
+    engine = convert(ckpt, tmp_path / "engine")
+    h = json.loads((engine / "engine.json").read_text())
+    assert h["tensors"]["layer.0.fff.w_out"] == W_OUT and h["source_weights"] == str(ckpt / WEIGHTS)
+    # the file's [H=16, N=7] element 5 is row 0, column 5: the engine's [N, H] row 5, column 0
+    refused(engine, f"{engine / 'engine.safetensors'}: tensor 'layer.0.fff.w_out' holds NaN or inf values "
+            f"(first at flat index {5 * 16}: nan)", check=True)
 
 
 # --- the converted (engine) folder -------------------------------------------------------------
 
 @pytest.mark.parametrize("edit,words", [
     (lambda m: m.update(format="other"), ["not a ufcpu engine config"]),
-    (lambda m: m.update(version=99), ["engine format version 99, this ufcpu reads version 1: convert the checkpoint again"]),
+    (lambda m: m.update(version=99), [f"engine format version 99, this ufcpu reads version {layout.VERSION}: "
+                                      "convert the checkpoint again"]),
+    (lambda m: m.update(version=1), ["engine format version 1, this ufcpu reads version"]),
     (lambda m: m.pop("config"), ["malformed engine config"]),
     (lambda m: m.update(config=[1]), ["malformed engine config"]),
     (lambda m: m["config"].update(bogus=1), ["malformed engine config", "bogus"]),
@@ -515,7 +537,8 @@ def test_engine_folder_tokenizer_past_embedding(engine_dir):
     """Edited after conversion: the engine checks again at load (ids past the embedding would index
     out of bounds)."""
     edit_tokenizer(engine_dir, lambda t: t["model"]["vocab"].update({"zzzz": 999}))
-    refused(engine_dir, "tokenizer has 1000 tokens, the embedding only 256 rows")
+    refused(engine_dir, str(engine_dir / "tokenizer.json"),
+            "the tokenizer produces ids up to 999, the embedding has only 256 rows (vocab)")
 
 
 def test_config_vocab_smaller_than_tokenizer(ckpt):
@@ -572,4 +595,4 @@ def test_cli_check_flag(ckpt):
     out, _, _ = run("encode", "-m", str(ckpt), "x")        # without --check it runs
     assert len(json.loads(out)) == 1
     _, err, code = run("encode", "--check", "-m", str(ckpt), "x", ok=False)
-    assert_one_line_error(err, code, "tensor layers.0.w_in holds NaN or inf values")
+    assert_one_line_error(err, code, f"{ckpt / WEIGHTS}: tensor '{W_IN}' holds NaN or inf values")

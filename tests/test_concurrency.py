@@ -96,8 +96,8 @@ def worker(w):
         errors.append(repr(e))
 threads = [threading.Thread(target=worker, args=(w,)) for w in range(4)]
 [t.start() for t in threads]; [t.join() for t in threads]
-from ufcpu import workshare
-print(json.dumps({{"errors": errors, "helpers": workshare.helper_count(),
+from ufcpu import threads as ufcpu_threads
+print(json.dumps({{"errors": errors, "helpers": ufcpu_threads.helper_count(),
                   "equal": [bool(np.array_equal(a, b)) for a, b in zip(got, serial)]}}))
 """
 
@@ -116,18 +116,18 @@ def test_encode_from_four_threads_equals_serial():
 
 THREAD_COUNT_CODE = r"""
 import json, threading, ufcpu
-from ufcpu import kernels
+from ufcpu import kernels, threads
 model = ufcpu.load({model!r}, threads=1)
 seen = []
-inner = kernels.run
+inner = threads.run
 def spy(kernel, *args):
     if kernel is kernels.fff_walk:
-        seen.append((threading.current_thread().name, kernels.threads()))
+        seen.append((threading.current_thread().name, threads.count()))
     return inner(kernel, *args)
-kernels.run = spy
+threads.run = spy
 model.encode("main thread")
 t = threading.Thread(target=model.encode, args=("other thread",), name="worker"); t.start(); t.join()
-print(json.dumps({{"seen": seen, "max": kernels.max_threads()}}))
+print(json.dumps({{"seen": seen, "max": threads.available()}}))
 """
 
 
@@ -138,6 +138,86 @@ def test_thread_count_is_honoured_in_every_thread():
     counts = {name: n for name, n in res["seen"]}
     assert counts["MainThread"] == 1
     assert counts["worker"] == 1
+
+
+TWO_MODELS_CODE = r"""
+import json, threading, numpy as np, ufcpu
+from ufcpu import heads, kernels, threads
+from ufcpu import model as fwd
+kernels._SHARED.update((k, 1) for k in kernels._SHARED)      # helpers at every size
+threads.SHARED_ATTENTION_SCORES = 1                           # attention heads shared at every size
+models = {{1: ufcpu.load({model!r}, threads=1), 2: ufcpu.load({model!r}, threads=2)}}
+texts = [f"text {{i}} number " * (1 + i % 9) for i in range(24)]
+def call(n):
+    m = models[n]
+    return m.encode(texts, batch_size=32), m.encode(texts[:5], batch_size=2), m.mlm_logits(m.tokenize(texts[:3])["input_ids"])
+
+tag = threading.local()                                       # which model this Python thread is calling
+seen = []                                                     # (model's threads, what, kernel count, OpenBLAS count)
+def spy(what, fn):
+    def wrapped(*a, **k):
+        seen.append((tag.n, what, threads.count(), threads.blas_threads()))
+        out = fn(*a, **k)
+        seen.append((tag.n, what, threads.count(), threads.blas_threads()))
+        return out
+    return wrapped
+def spy_items(fn):
+    def wrapped(item, count, helpers):
+        caller = tag.n
+        def each(i):
+            seen.append((caller, "head", None, threads.blas_threads()))
+            item(i)
+        seen.append((caller, "share", threads.count(), threads.blas_threads()))
+        return fn(each, count, helpers)
+    return wrapped
+threads.run = spy("kernel", threads.run)
+fwd.linear = spy("linear", fwd.linear)
+heads.mlm_logits = spy("mlm_logits", heads.mlm_logits)
+threads.share_items = spy_items(threads.share_items)
+
+tag.n = None
+serial = {{}}
+for n in (1, 2, 1, 2):                                          # alternately, one Python thread
+    tag.n = n
+    serial.setdefault(n, []).append(call(n))
+same_serial = all(np.array_equal(a, b) for n in (1, 2) for a, b in zip(*serial[n]))
+got, errors = {{}}, []
+def worker(first):
+    tag.n = None
+    try:
+        for r in range(6):                                     # alternately and concurrently
+            n = 1 + (first + r) % 2
+            tag.n = n
+            got.setdefault(n, []).append(call(n))
+    except BaseException as e:
+        errors.append(repr(e))
+ts = [threading.Thread(target=worker, args=(f,)) for f in (0, 1)]
+[t.start() for t in ts]; [t.join() for t in ts]
+equal = [bool(np.array_equal(a, b)) for n in (1, 2) for res in got[n] for a, b in zip(res, serial[n][0])]
+print(json.dumps({{"errors": errors, "same_serial": same_serial, "equal": equal, "seen": seen,
+                  "blas_found": threads.blas_threads() is not None}}))
+"""
+
+
+def test_two_models_keep_their_own_thread_counts():
+    """Models of threads=1 and threads=2, called alternately from one Python thread and then
+    alternately and concurrently from two: every kernel launch uses its model's count, OpenBLAS
+    runs at its model's count around every projection, kernel and MLM head (OpenBLAS's own report,
+    before and after each), and at one thread inside every shared attention head; the results
+    equal the serial ones bit for bit."""
+    res = last_json(python(TWO_MODELS_CODE.format(model=str(TINY))))
+    assert res["errors"] == [] and res["same_serial"]
+    assert res["equal"] and all(res["equal"]), res["equal"]
+    seen = res["seen"]
+    whats = {what for _, what, _, _ in seen}
+    assert {"kernel", "linear", "mlm_logits", "share", "head"} <= whats, whats
+    for n, what, kernel_count, blas in seen:
+        one_blas_thread = what in ("share", "head")             # the heads of one attention, shared
+        assert n == 2 or not one_blas_thread
+        assert kernel_count == n or what == "head", (n, what, kernel_count)
+        if res["blas_found"]:
+            assert blas == (1 if one_blas_thread else n), (n, what, blas)
+    assert len(seen) > 200
 
 
 # --- fork ----------------------------------------------------------------------------------------
@@ -196,8 +276,10 @@ def test_fork_whatever_numba_threading_layer_is_set():
 
 RO_CODE = r"""
 import json, os, ufcpu
+from ufcpu import settings
 model = ufcpu.load({model!r})
-print(json.dumps({{"file": ufcpu.__file__, "numba_cache": os.environ.get("NUMBA_CACHE_DIR"),
+print(json.dumps({{"file": ufcpu.__file__, "numba_cache": settings.kernel_cache_dir(),
+                  "numba_cache_env": os.environ.get("NUMBA_CACHE_DIR"),
                   "vec": model.encode("hello read-only world").tolist()}}))
 """
 
@@ -222,6 +304,7 @@ def test_read_only_package_caches_kernels_in_the_user_cache(ro_package, tmp_path
     first = last_json(python(code, env=env, unprivileged=True, drop_env=drop))
     assert first["file"].startswith(str(ro_package))
     assert first["numba_cache"] == str(home / ".cache" / "ufcpu" / "numba")
+    assert first["numba_cache_env"] is None                      # nothing exported to child processes
     cached = list((home / ".cache" / "ufcpu" / "numba").rglob("*.nbi"))
     assert len(cached) >= 4, cached                              # the kernels were cached there
     second = last_json(python(code, env=env, unprivileged=True, drop_env=drop))   # from that cache

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import ufcpu
-from ufcpu import kernels
+from ufcpu import kernels, threads
 from ufcpu import model as fwd
 
 f32 = np.float32
@@ -206,7 +206,7 @@ def test_masked_softmax_matches_naive(b, a, s):
     ref = np.exp(ref - ref.max(-1, keepdims=True))
     ref /= ref.sum(-1, keepdims=True)
     got = scores.copy()
-    kernels.run(kernels.masked_softmax_, got, bias, f32(0.125))
+    threads.run(kernels.masked_softmax_, got, bias, f32(0.125))
     np.testing.assert_allclose(got, ref, atol=1e-6)
     # padded keys get exactly no weight, as exp(-10000) gives the reference
     assert got[np.broadcast_to(mask[:, None, None, :] == 0, got.shape)].max(initial=0.0) == 0.0
@@ -215,7 +215,7 @@ def test_masked_softmax_matches_naive(b, a, s):
 def test_gelu_matches_erf():
     z = np.linspace(-8, 8, 1001, dtype=f32)[None].copy()
     ref = gelu_ref(z)
-    kernels.run(kernels.gelu_, z)
+    threads.run(kernels.gelu_, z)
     np.testing.assert_allclose(z, ref, atol=1e-6)
 
 
@@ -278,7 +278,7 @@ def test_matmul_nt_matches_naive(m, n, k):
     w = rng.standard_normal((n, k), dtype=f32)
     w.flags.writeable = False                 # weights are read-only memory maps in the engine
     out = np.full((m, n), np.nan, f32)
-    kernels.run(kernels.matmul_nt, x, w, out)
+    threads.run(kernels.matmul_nt, x, w, out)
     ref = matmul_nt_ref(x, w) if m * n * k < 1e6 else x.astype(np.float64) @ w.T.astype(np.float64)
     np.testing.assert_allclose(out, ref, rtol=0, atol=2e-6 * math.sqrt(k) * 4)
 
@@ -323,16 +323,13 @@ def test_shared_kernel_with_helpers_equals_itself_alone(name, monkeypatch):
     kernel(*alone, state)
     assert state[kernels.SHARED_INSIDE] == 0 and kernels.helpers_done(state, 1)
     monkeypatch.setitem(kernels._SHARED, kernel, 1)              # helpers at every size
-    kernels.set_threads(3)                                          # two helpers
-    try:
+    with threads.calls(3):                                          # two helpers
         for _ in range(10):
             got = _copies(args)
-            kernels.run(kernel, *got)
+            threads.run(kernel, *got)
             for a, b in zip(got, alone):
                 if isinstance(a, np.ndarray):
                     np.testing.assert_array_equal(a, b)
-    finally:
-        kernels.set_threads(kernels.max_threads())
 
 
 def test_a_used_state_has_nothing_left_to_claim():
@@ -349,30 +346,25 @@ def test_a_used_state_has_nothing_left_to_claim():
 
 def test_run_offers_helpers_by_size_and_threads(monkeypatch):
     offered = []
-    monkeypatch.setattr(kernels.workshare, "offer", lambda kernel, args, count: offered.append((args[0].size, count)))
+    monkeypatch.setattr(threads, "offer", lambda kernel, args, count: offered.append((args[0].size, count)))
     monkeypatch.setitem(kernels._SHARED, kernels.gelu_, 100)
-    kernels.set_threads(2)
-    try:
-        kernels.run(kernels.gelu_, np.zeros((1, 99), f32))
-        kernels.run(kernels.gelu_, np.zeros((1, 100), f32))
-        kernels.set_threads(1)
-        kernels.run(kernels.gelu_, np.zeros((1, 1000), f32))
-    finally:
-        kernels.set_threads(kernels.max_threads())
+    with threads.calls(2):
+        threads.run(kernels.gelu_, np.zeros((1, 99), f32))
+        threads.run(kernels.gelu_, np.zeros((1, 100), f32))
+    with threads.calls(1):
+        threads.run(kernels.gelu_, np.zeros((1, 1000), f32))
     assert offered == [(100, 1)]
 
 
 def test_thread_setting_is_per_python_thread():
     import threading
-    kernels.set_threads(1)
     seen = []
-    t = threading.Thread(target=lambda: seen.append(kernels.threads()))
-    t.start()
-    t.join()
-    try:
-        assert kernels.threads() == 1 and seen == [kernels.max_threads()]
-    finally:
-        kernels.set_threads(kernels.max_threads())
+    with threads.calls(1):
+        t = threading.Thread(target=lambda: seen.append(threads.count()))
+        t.start()
+        t.join()
+        assert threads.count() == 1 and seen == [threads.available()]
+    assert threads.count() == threads.available()              # a call's setting ends with it
 
 
 def test_fetch_add_returns_the_old_value():

@@ -139,15 +139,12 @@ def test_dense_masked_feedforward_matches_reference():
 def test_every_layer_matches_with_helpers_at_every_size(name, monkeypatch):
     """The fixtures are far below the sizes from which kernels and attention heads are shared
     with helper threads: force both, with two threads, and check parity again."""
-    from ufcpu import kernels
-    monkeypatch.setattr(fwd, "SHARED_ATTENTION_SCORES", 1)
+    from ufcpu import kernels, threads
+    monkeypatch.setattr(threads, "SHARED_ATTENTION_SCORES", 1)
     for kernel in list(kernels._SHARED):
         monkeypatch.setitem(kernels._SHARED, kernel, 1)
-    kernels.set_threads(2)
-    try:
+    with threads.calls(2):
         m, d, tr = _trace(name)
-    finally:
-        kernels.set_threads(kernels.max_threads())
     real = d["attention_mask"].astype(bool)
     for layer in range(m.config.layers):
         diff = np.abs(tr["layer_out"][layer] - d["layer_out"][layer])[real].max()

@@ -7,15 +7,8 @@
 """
 from __future__ import annotations
 
-import os as _os
-import sys as _sys
-
-# OpenBLAS's idle workers spin for up to 2^28 cycles (~0.1 s) after every product and hold the
-# cores that the Numba kernels launched next need; with a timeout of 2^4 cycles they sleep at once.
-# OpenBLAS reads this when NumPy first loads it, so it takes effect when ufcpu is imported before
-# NumPy (as the CLI does); a value set by the user is kept. See ufcpu/threads.py.
-BLAS_SPIN_SETTLED = "numpy" not in _sys.modules or "OPENBLAS_THREAD_TIMEOUT" in _os.environ
-_os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+# First, before NumPy loads OpenBLAS: ufcpu/settings.py sets what OpenBLAS reads only then.
+from . import settings  # noqa: E402,F401  (isort: skip)
 
 import numpy as np  # noqa: E402
 

@@ -85,6 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("dst", help="folder to write (created; replaced if it is an engine folder)")
     v.add_argument("--revision", default=None)
 
+    k = sub.add_parser("cache", help="list converted checkpoints, or prune them")
+    k.add_argument("action", nargs="?", choices=("list", "prune"), default="list")
+    k.add_argument("--older-than", type=float, default=None, metavar="DAYS", help="prune: those not used for DAYS")
+    k.add_argument("--all", action="store_true", help="prune: every converted checkpoint")
+
     i = sub.add_parser("info", help="config, files, cache paths and threads")
     _model_args(i)
 
@@ -228,35 +233,50 @@ def cmd_classify(args) -> int:
 def cmd_convert(args) -> int:
     from pathlib import Path
 
-    from weights_convert.convert import convert
+    from .hub import convert_folder, source_folder
 
-    from .hub import download, is_engine_folder, is_hub_folder, looks_like_repo_id
+    src = source_folder(args.src, args.revision)
+    print(convert_folder(src, Path(args.dst))[0])
+    return 0
 
-    src = Path(args.src).expanduser()
-    if not src.exists():
-        if not looks_like_repo_id(args.src):
-            raise UfcpuError(f"{args.src}: no such folder, and not a Hub id")
-        src = download(args.src, args.revision)
-    dst = Path(args.dst)
-    if dst.exists() and not is_engine_folder(dst) and any(dst.iterdir()):
-        raise UfcpuError(f"{dst}: exists and is not an engine folder; refusing to replace it")
-    if not is_hub_folder(src):
-        raise UfcpuError(f"{src}: not a Hub-layout checkpoint (no config.json)")
-    print(convert(src, dst))
+
+def cmd_cache(args) -> int:
+    import datetime
+
+    from . import hub
+
+    if args.action == "prune":
+        if args.older_than is not None and args.older_than < 0:
+            raise UfcpuError(f"--older-than must be a number of days >= 0, got {args.older_than}")
+        removed = hub.prune_cache(args.older_than, everything=args.all)
+        log.info("removed %d folder(s) from %s", len(removed), hub.cache_dir())
+        for p in removed:
+            print(p)
+        return 0
+    if args.older_than is not None or args.all:
+        raise UfcpuError("--older-than and --all go with `ufcpu cache prune`")
+    entries = hub.cache_entries()
+    if not entries:
+        log.info("no converted checkpoints in %s", hub.cache_dir())
+    for e in entries:
+        used = datetime.datetime.fromtimestamp(e.last_used).strftime("%Y-%m-%d %H:%M")
+        print(f"{e.bytes / 2**20:9.1f} MB  last used {used}  {e.path.name}  <- {e.source}")
     return 0
 
 
 def cmd_info(args) -> int:
-    from . import hub, threads
+    from . import hub, settings, threads
     model = _load(args)
+    with threads.calls(model.threads):           # what every call of the model runs with
+        blas = threads.blas_threads()
     info = {
         "source": str(model.source),
         "engine_folder": str(model.path),
         "cache_dir": str(hub.cache_dir()),
-        "numba_cache_dir": os.environ.get("NUMBA_CACHE_DIR") or "(next to the package)",
+        "numba_cache_dir": settings.kernel_cache_dir() or "(none usable: kernels compile in every process)",
         "config": model.config.to_json(),
-        "threads": {"kernels": model.threads, "blas": threads.blas_threads(), "cores": threads.cpu_count(),
-                    "blas_idle_workers": "sleep" if threads.blas_workers_sleep() else "spin (NumPy was imported first)"},
+        "threads": {"kernels": model.threads, "blas": blas, "cores": threads.cpu_count(),
+                    "blas_idle_workers": "sleep" if settings.blas_workers_sleep() else "spin (NumPy was imported first)"},
         "version": _version(),
     }
     print(json.dumps(info, indent=2))
@@ -277,12 +297,15 @@ def cmd_warmup(args) -> int:
 
 
 COMMANDS = {"encode": cmd_encode, "fill-mask": cmd_fill_mask, "classify": cmd_classify,
-            "convert": cmd_convert, "info": cmd_info, "warmup": cmd_warmup}
+            "convert": cmd_convert, "cache": cmd_cache, "info": cmd_info, "warmup": cmd_warmup}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="ufcpu: %(message)s", stream=sys.stderr)
+    from . import settings
+    if settings.malloc_tuning_wanted():
+        settings.tune_malloc()     # freed activations reused across layers: it pays (bench/README.md, "Memory")
     try:
         return COMMANDS[args.command](args)
     except (UfcpuError, ValueError, OSError) as e:

@@ -12,13 +12,13 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from . import heads, hub, kernels, malloc
+from . import heads, hub
 from . import model as fwd
 from . import threads as _threads
 from .config import Config
-from .errors import CheckpointError, InputError
-from .tokenizer import Tokenizer, pad
-from .weights import check_finite, load_weights, read_engine_config
+from .errors import InputError
+from .tokenizer import pad
+from .weights import Checked, open_engine
 
 log = logging.getLogger("ufcpu")
 f32 = np.float32
@@ -35,28 +35,24 @@ def load(name_or_path: str | Path | None = None, revision: str | None = None,
     ffn: "fff" (the tree walk) or "dense-masked" (all nodes computed and masked, as the published
          code does: same results, for comparison only).
     """
-    engine_dir, source = hub.resolve(name_or_path, revision, log=log.info)
-    return Model(engine_dir, source=source, threads=threads, check=check, ffn=ffn)
+    found = hub.locate(name_or_path, revision, log=log.info)
+    return Model(found.engine, source=found.source, threads=threads, check=check, ffn=ffn, checked=found.checked)
 
 
 class Model:
     def __init__(self, engine_dir: str | Path, source: str | Path | None = None,
-                 threads: int | None = None, check: bool = False, ffn: str = "fff"):
+                 threads: int | None = None, check: bool = False, ffn: str = "fff",
+                 checked: Checked | None = None):
         if ffn not in fwd.FFN:
             raise InputError(f"ffn must be one of {', '.join(fwd.FFN)}, got {ffn!r}")
         self.ffn = fwd.FFN[ffn]
         self.path = Path(engine_dir)
         self.source = Path(source) if source is not None else self.path
-        self.config: Config = read_engine_config(self.path)
-        self.weights = load_weights(self.path, self.config)
-        if check:
-            check_finite(self.weights, str(self.path))
-        self.tokenizer = Tokenizer(self.path / "tokenizer.json", self.config.max_seq)
-        if self.tokenizer.vocab_size > self.config.vocab:
-            raise CheckpointError(f"{self.path}: tokenizer has {self.tokenizer.vocab_size} tokens, "
-                                  f"the embedding only {self.config.vocab} rows")
-        self.threads = _threads.set_threads(threads)
-        malloc.keep_freed_memory()   # reuse activation pages across layers (ufcpu/malloc.py)
+        # checked: what the conversion in this load already checked; NaN/inf named in the user's file
+        eng = open_engine(self.path, check=check, by_source=self.source != self.path, checked=checked)
+        self.config: Config = eng.config
+        self.weights, self.tokenizer = eng.weights, eng.tokenizer
+        self.threads = _threads.resolve(threads)   # applied by every call (ufcpu/threads.py)
 
     def __repr__(self) -> str:
         c = self.config
@@ -109,14 +105,14 @@ class Model:
         return self._forward(ids, mask)
 
     def _forward(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        # The kernels' thread count is per calling thread: apply this model's setting in every thread.
-        kernels.set_threads(self.threads)
-        return fwd.encoder(ids, mask, self.weights, self.config, self.ffn)
+        with _threads.calls(self.threads):
+            return fwd.encoder(ids, mask, self.weights, self.config, self.ffn)
 
     def mlm_logits(self, input_ids, attention_mask=None) -> np.ndarray:
         """-> float32 [B, S, V] (MLM checkpoints)."""
         self._need("mlm", "mlm_logits")
-        return heads.mlm_logits(self.hidden_states(input_ids, attention_mask), self.weights)
+        with _threads.calls(self.threads):
+            return heads.mlm_logits(self.hidden_states(input_ids, attention_mask), self.weights)
 
     def _need(self, task: str, what: str) -> None:
         if self.config.task != task:
@@ -202,8 +198,12 @@ class Model:
         if where.size == 0:
             raise InputError(f"no mask token in the text: write {tok.mask_token} (or [MASK]) where a word should be predicted")
         h = self.hidden_states(b.input_ids)[0]                  # [S, H]
-        probs = heads.softmax(heads.mlm_logits(h[where], self.weights))   # [M, V]
+        with _threads.calls(self.threads):
+            probs = heads.softmax(heads.mlm_logits(h[where], self.weights))   # [M, V]
         k = min(top_k, probs.shape[1])
+        # As the pipeline: token_str shows special tokens too, and with several masks `sequence`
+        # keeps the special tokens, so the masks not being filled stay visible.
+        keep_special = where.size > 1
         results = []
         for m, pos in enumerate(where):
             best = np.argsort(-probs[m], kind="stable")[:k]
@@ -211,8 +211,10 @@ class Model:
             for t in best:
                 filled = ids.copy()
                 filled[pos] = t
+                filled = filled[filled != tok.pad_id]      # the pipeline drops pad ids, a predicted one too
                 preds.append({"score": float(probs[m, t]), "token": int(t),
-                              "token_str": tok.decode([t]), "sequence": tok.decode(filled)})
+                              "token_str": tok.decode([t], skip_special_tokens=False),
+                              "sequence": tok.decode(filled, skip_special_tokens=not keep_special)})
             results.append(preds)
         return results[0] if len(results) == 1 else results
 
@@ -229,7 +231,8 @@ class Model:
         out = np.empty((len(lst), self.config.num_labels), f32)
         for idx, h, mask in self._hidden_batches(lst, batch_size):
             pooled = heads.pool_items(h, mask, self.config.pooler)
-            out[idx] = heads.classify_pooled(pooled, self.weights, self.config)
+            with _threads.calls(self.threads):
+                out[idx] = heads.classify_pooled(pooled, self.weights, self.config)
         return out[0] if single else out
 
     def predict(self, items, batch_size: int = 32) -> list[dict]:

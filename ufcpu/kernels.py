@@ -1,20 +1,24 @@
 """Every Numba kernel of the engine, and every constant a kernel reads.
 
 Policy, the same for all kernels (see `_JIT`):
-- `cache=True`: compiled machine code is kept on disk, so only the first run of a fresh install
-  pays the compile (a few seconds). `ufcpu warmup` does that ahead of time.
+- `cache=True`: compiled machine code is kept on disk, in the folder ufcpu/settings.py chooses
+  (one only this user can write; files checked before they are loaded), so only the first run of
+  a fresh install pays the compile. `ufcpu warmup` does that ahead of time.
 - `fastmath` is a subset of LLVM flags: reassociation and contraction let the dot products
   vectorise, but NaN/inf semantics stay on ("nnan"/"ninf" are off) so bad weights show up as NaN
   instead of silently routing somewhere.
 - Every kernel is "shared": it splits its work into blocks (rows, heads, route tiles) that any
-  thread running it claims from one atomic counter. `run` starts it on the calling thread and
-  lets helper threads (ufcpu/workshare.py) join; nobody waits for a thread to wake up, and a
-  block gives the same bits whichever thread computes it. There is no Numba thread pool: a launch
-  on its workqueue pool cost 100-300 us here (sleeping workers, slow to wake in these virtual
-  machines), more than most kernels of a short input take, and it allowed one launch at a time
-  per process (see "Shared kernels" and "Launching").
+  thread running it claims from one atomic counter (`claim_loop`), and a block gives the same bits
+  whichever thread computes it. ufcpu/threads.py launches kernels (`threads.run`) and decides who
+  joins; there is no Numba thread pool (see "Shared kernels").
 - Kernels only do math on arrays the Python wrapper has already checked (shapes, dtypes,
   contiguity): an out-of-bounds index inside a kernel is a segfault, not an exception.
+
+Adding a kernel: write its block function `_name_block(i, args)` (block i of the work; `args` the
+kernel's arrays as one tuple), make its loop with `claim_loop`, and the kernel
+`name(..., state)` as `layer_norm` below; register it in `_SHARED` (the size from which helper
+threads join) and `_example_calls` (the argument types to compile for), and call it as
+`threads.run(kernels.name, ...)`.
 
 Every kernel here is tested against a naive NumPy version in tests/test_kernels.py, and with
 helpers against itself alone.
@@ -22,61 +26,19 @@ helpers against itself alone.
 from __future__ import annotations
 
 import math
-import os
-import tempfile
-import threading
 
 import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.core.registry import CPUDispatcher
+from numba.extending import intrinsic
 
-from . import workshare
+from . import settings
 
-
-def _writable(folder: str) -> bool:
-    try:
-        os.makedirs(folder, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder):
-            return True
-    except OSError:
-        return False
-
-
-def _choose_cache_dir() -> bool:
-    """Numba caches next to the package unless told otherwise, and refuses to import a
-    `cache=True` function when it cannot write anywhere. Pick the first writable folder of:
-    NUMBA_CACHE_DIR, the package folder, ~/.cache/ufcpu/numba, a per-user temporary folder.
-    -> False when none is writable (kernels then compile in every process, uncached)."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    user = os.environ.get("NUMBA_CACHE_DIR")
-    if user and _writable(user):
-        return True
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    candidates = ([] if user else [None]) + [
-        os.path.join(base, "ufcpu", "numba"),
-        os.path.join(tempfile.gettempdir(), f"ufcpu-numba-{os.getuid() if hasattr(os, 'getuid') else 'user'}")]
-    for folder in candidates:
-        if folder is None:
-            if _writable(os.path.join(here, "__pycache__")):
-                return True
-            continue
-        if _writable(folder):
-            os.environ["NUMBA_CACHE_DIR"] = folder
-            return True
-    return False
-
-
-_CACHE = _choose_cache_dir()
-
-import numba  # noqa: E402  (after NUMBA_CACHE_DIR is settled)
-from llvmlite import ir  # noqa: E402
-from numba import njit, types  # noqa: E402
-from numba.core import cgutils  # noqa: E402
-from numba.extending import intrinsic  # noqa: E402
-
-if os.environ.get("NUMBA_CACHE_DIR"):
-    numba.config.CACHE_DIR = os.environ["NUMBA_CACHE_DIR"]   # in case numba was imported first
 # LLVM fast-math flags: everything but the two that drop NaN/inf semantics.
 FASTMATH = {"reassoc", "contract", "arcp", "nsz", "afn"}
-_JIT = dict(cache=_CACHE, fastmath=FASTMATH, nogil=True)
+_JIT = dict(cache=settings.kernel_cache_dir() is not None, fastmath=FASTMATH, nogil=True)
 
 SQRT1_2 = np.float32(1.0 / math.sqrt(2.0))   # exact GELU: 0.5 z (1 + erf(z / sqrt 2))
 MASK_BIAS = np.float32(-10000.0)              # additive score of a padded key, as the reference does
@@ -85,14 +47,11 @@ MASK_BIAS = np.float32(-10000.0)              # additive score of a padded key, 
 # ---------------------------------------------------------------------------------------------
 # Shared kernels: the calling thread and helper threads claim blocks from one counter
 # ---------------------------------------------------------------------------------------------
-# A launch on Numba's workqueue pool wakes sleeping workers, which takes 100-300 us on these
-# 2-core virtual machines, and the caller waits for them: a short sentence's 32 projections paid
-# that 32 times. A shared kernel starts on the calling thread at once, and helper threads
-# (ufcpu/workshare.py) join when they wake: each thread claims the next blocks with an atomic
-# add until none is left, so a helper that wakes late just does less. The caller then waits only
-# for the blocks a helper is still computing. Every block is computed by the same code whichever
-# thread claims it: the result is the same bits with or without helpers.
-# state: int64 [SHARED_SLOTS], zeros, one per call.
+# A shared kernel starts on the calling thread at once, and helper threads (ufcpu/threads.py) join
+# when they wake: each thread claims the next blocks with an atomic add until none is left, so a
+# helper that wakes late just does less, and the caller waits only for blocks a helper is still
+# computing. Every block is computed by the same code whichever thread claims it: the result is the
+# same bits with or without helpers. state: int64 [SHARED_SLOTS], zeros, one per call.
 
 SHARED_NEXT = 0      # the next block nobody has claimed
 SHARED_INSIDE = 1    # threads inside the kernel
@@ -119,6 +78,20 @@ def _claim(state, slot, count):
     """-> the next index below `count` nobody has claimed from this slot, or -1 when none is left"""
     i = fetch_add(state, slot, 1)
     return i if i < count else -1
+
+
+def claim_loop(block):
+    """-> loop(state, slot, count, args): block(i, args) for every i below `count` that this thread
+    claims from state[slot], then return. Written once for every kernel; `block` is compiled into
+    each loop (a closure over a kernel, which Numba inlines and caches; a function passed as an
+    argument could not be cached)."""
+    @njit(inline="always", **_JIT)
+    def loop(state, slot, count, args):
+        i = _claim(state, slot, count)
+        while i >= 0:
+            block(i, args)
+            i = _claim(state, slot, count)
+    return loop
 
 
 @njit(**_JIT)
@@ -169,15 +142,20 @@ def _gelu_row(x, t):
 ROW_BLOCK = 16   # rows per claim for the row-wise kernels (GELU, LayerNorm)
 
 
+@njit(inline="always", **_JIT)
+def _gelu_block(b, args):
+    x, = args
+    for t in range(b * ROW_BLOCK, min((b + 1) * ROW_BLOCK, x.shape[0])):
+        _gelu_row(x, t)
+
+
+_gelu_loop = claim_loop(_gelu_block)
+
+
 @njit(**_JIT)
 def gelu_(x, state):  # [T, F] float32, in place; shared
     fetch_add(state, SHARED_INSIDE, 1)
-    blocks = (x.shape[0] + ROW_BLOCK - 1) // ROW_BLOCK
-    b = _claim(state, SHARED_NEXT, blocks)
-    while b >= 0:
-        for t in range(b * ROW_BLOCK, min((b + 1) * ROW_BLOCK, x.shape[0])):
-            _gelu_row(x, t)
-        b = _claim(state, SHARED_NEXT, blocks)
+    _gelu_loop(state, SHARED_NEXT, (x.shape[0] + ROW_BLOCK - 1) // ROW_BLOCK, (x,))
     fetch_add(state, SHARED_INSIDE, -1)
 
 
@@ -204,15 +182,20 @@ def _layer_norm_row(x, w, b, eps, out, t):
         o[j] = (row[j] - mean) * inv * w[j] + b[j]
 
 
+@njit(inline="always", **_JIT)
+def _layer_norm_block(blk, args):
+    x, w, b, eps, out = args
+    for t in range(blk * ROW_BLOCK, min((blk + 1) * ROW_BLOCK, x.shape[0])):
+        _layer_norm_row(x, w, b, eps, out, t)
+
+
+_layer_norm_loop = claim_loop(_layer_norm_block)
+
+
 @njit(**_JIT)
 def layer_norm(x, w, b, eps, out, state):  # [T, H], [H], [H], float, [T, H] -> out; shared
     fetch_add(state, SHARED_INSIDE, 1)
-    blocks = (x.shape[0] + ROW_BLOCK - 1) // ROW_BLOCK
-    blk = _claim(state, SHARED_NEXT, blocks)
-    while blk >= 0:
-        for t in range(blk * ROW_BLOCK, min((blk + 1) * ROW_BLOCK, x.shape[0])):
-            _layer_norm_row(x, w, b, eps, out, t)
-        blk = _claim(state, SHARED_NEXT, blocks)
+    _layer_norm_loop(state, SHARED_NEXT, (x.shape[0] + ROW_BLOCK - 1) // ROW_BLOCK, (x, w, b, eps, out))
     fetch_add(state, SHARED_INSIDE, -1)
 
 
@@ -276,27 +259,30 @@ def _softmax_head(scores, key_bias, scale, ba):  # one (sequence, head): [S, S] 
             row[k] *= inv
 
 
+@njit(inline="always", **_JIT)
+def _softmax_block(ba, args):
+    scores, key_bias, scale = args
+    _softmax_head(scores, key_bias, scale, ba)
+
+
+_softmax_loop = claim_loop(_softmax_block)
+
+
 @njit(**_JIT)
 def masked_softmax_(scores, key_bias, scale, state):  # [B, A, S, S], [B, S] additive, float32 -> in place; shared
     fetch_add(state, SHARED_INSIDE, 1)
-    heads = scores.shape[0] * scores.shape[1]
-    ba = _claim(state, SHARED_NEXT, heads)
-    while ba >= 0:
-        _softmax_head(scores, key_bias, scale, ba)
-        ba = _claim(state, SHARED_NEXT, heads)
+    _softmax_loop(state, SHARED_NEXT, scores.shape[0] * scores.shape[1], (scores, key_bias, scale))
     fetch_add(state, SHARED_INSIDE, -1)
 
 
 # ---------------------------------------------------------------------------------------------
 # Projections of a few tokens: out = x @ w.T with w stored [out, in] (as the checkpoint's Linear)
 # ---------------------------------------------------------------------------------------------
-# OpenBLAS reaches 80% of peak on hundreds of tokens, but for a short sentence (M ~ 10) its
-# packing and blocking cost more than the product: 11 x 768 @ 768 x 2304 took 1.2 ms at 2 threads,
-# 0.7 ms with this kernel, whose inner loop keeps a 4 x 4 block of outputs in 16 registers
-# (16 FMAs per 8 loads) and reads each weight row once per 4 tokens (bench/README.md). The last
-# 2-3 tokens go through the same 4 x 4 block, the missing rows repeating the last token: one token
-# at a time there is load-bound (4 FMAs per 5 loads), and 11 tokens took 0.90 instead of 1.0 ms
-# on one core.
+# For a short sentence (M ~ 10) OpenBLAS's packing and blocking cost more than the product; this
+# kernel's inner loop keeps a 4 x 4 block of outputs in 16 registers (16 FMAs per 8 loads) and reads
+# each weight row once per 4 tokens. The last 2-3 tokens go through the same 4 x 4 block, the
+# missing rows repeating the last token: one token at a time is load-bound (4 FMAs per 5 loads).
+# Timings: bench/README.md, "Projections of a few tokens".
 
 @njit(inline="always", **_JIT)
 def _matmul_nt_block(x, w, out, nb):  # rows 4nb..4nb+3 of w, every token
@@ -357,18 +343,24 @@ def _matmul_nt_block(x, w, out, nb):  # rows 4nb..4nb+3 of w, every token
 MATMUL_NT_GRAIN = 4   # blocks per claim: 16 output columns, one 64-byte line of each token's row
 
 
+@njit(inline="always", **_JIT)
+def _matmul_nt_grain(g, args):
+    x, w, out = args
+    blocks = (w.shape[0] + 3) // 4
+    for nb in range(g * MATMUL_NT_GRAIN, min((g + 1) * MATMUL_NT_GRAIN, blocks)):
+        _matmul_nt_block(x, w, out, nb)
+
+
+_matmul_nt_loop = claim_loop(_matmul_nt_grain)
+
+
 @njit(**_JIT)
 def matmul_nt(x, w, out, state):  # x [M, K], w [N, K] -> out [M, N] = x @ w.T; shared
     """Every thread that runs it with the same `state` claims grains of weight rows until none
     is left (see "Shared kernels")."""
     fetch_add(state, SHARED_INSIDE, 1)
-    blocks = (w.shape[0] + 3) // 4
-    grains = (blocks + MATMUL_NT_GRAIN - 1) // MATMUL_NT_GRAIN
-    g = _claim(state, SHARED_NEXT, grains)
-    while g >= 0:
-        for nb in range(g * MATMUL_NT_GRAIN, min((g + 1) * MATMUL_NT_GRAIN, blocks)):
-            _matmul_nt_block(x, w, out, nb)
-        g = _claim(state, SHARED_NEXT, grains)
+    grains = ((w.shape[0] + 3) // 4 + MATMUL_NT_GRAIN - 1) // MATMUL_NT_GRAIN
+    _matmul_nt_loop(state, SHARED_NEXT, grains, (x, w, out))
     fetch_add(state, SHARED_INSIDE, -1)
 
 
@@ -523,7 +515,8 @@ def _target_cpu() -> str:
     """The CPU name LLVM compiles the kernels for: the one Numba keys its cache on, so a cached
     kernel always holds the tunables of its own CPU."""
     import llvmlite.binding as llvm
-    return numba.config.CPU_NAME or llvm.get_host_cpu_name()
+    from numba.core import config
+    return config.CPU_NAME or llvm.get_host_cpu_name()
 
 
 # Tunables of the walk that suit one CPU and not another, read once at import (numbers:
@@ -563,6 +556,25 @@ def _leaf_order(routes, depth, min_tokens):  # routes [T, D+1] -> [T] int32 toke
     return order
 
 
+@njit(inline="always", **_JIT)
+def _fff_route_block(tile, args):  # one route tile, counted done for the output sweep
+    x, w_in, b_in, depth, routes, logits, state = args
+    _fff_route_tile(x, w_in, b_in, depth, routes, logits, tile)
+    fetch_add(state, SHARED_DONE, 1)
+
+
+@njit(inline="always", **_JIT)
+def _fff_output_block(b, args):  # order: [T] token ids, or [0] for token order (`_leaf_order`)
+    w_out, depth, routes, logits, out, order = args
+    for i in range(b * OUTPUT_BLOCK, min((b + 1) * OUTPUT_BLOCK, out.shape[0])):
+        t = order[i] if order.shape[0] else i
+        _fff_output(w_out, depth, routes[t], logits[t], out[t])
+
+
+_fff_route_loop = claim_loop(_fff_route_block)
+_fff_output_loop = claim_loop(_fff_output_block)
+
+
 @njit(**_JIT)
 def fff_walk(x, w_in, b_in, w_out, depth, out, routes, logits, state):
     """x [T, H], w_in [N, H], b_in [N], w_out [N, H] -> out [T, H], routes/logits [T, D+1].
@@ -573,37 +585,22 @@ def fff_walk(x, w_in, b_in, w_out, depth, out, routes, logits, state):
     """
     fetch_add(state, SHARED_INSIDE, 1)
     tiles = (x.shape[0] + ROUTE_TILE - 1) // ROUTE_TILE
-    tile = _claim(state, SHARED_NEXT, tiles)
-    while tile >= 0:
-        _fff_route_tile(x, w_in, b_in, depth, routes, logits, tile)
-        fetch_add(state, SHARED_DONE, 1)
-        tile = _claim(state, SHARED_NEXT, tiles)
+    _fff_route_loop(state, SHARED_NEXT, tiles, (x, w_in, b_in, depth, routes, logits, state))
     while fetch_add(state, SHARED_DONE, 0) < tiles:   # tiles other threads are still routing
         pass
     order = _leaf_order(routes, depth, LEAF_ORDER_MIN)   # [T], the same in every thread
     blocks = (x.shape[0] + OUTPUT_BLOCK - 1) // OUTPUT_BLOCK
-    b = _claim(state, SHARED_NEXT_2, blocks)
-    while b >= 0:
-        for i in range(b * OUTPUT_BLOCK, min((b + 1) * OUTPUT_BLOCK, x.shape[0])):
-            t = order[i] if order.shape[0] else i
-            _fff_output(w_out, depth, routes[t], logits[t], out[t])
-        b = _claim(state, SHARED_NEXT_2, blocks)
+    _fff_output_loop(state, SHARED_NEXT_2, blocks, (w_out, depth, routes, logits, out, order))
     fetch_add(state, SHARED_INSIDE, -1)
 
 
 # ---------------------------------------------------------------------------------------------
-# Launching: on the calling thread, with helpers above a size
+# Registry: every shared kernel, with the size from which helpers join it and what to compile for
 # ---------------------------------------------------------------------------------------------
 # Offering a share costs the caller a queue put; a helper that wakes for a kernel too small to
 # split only takes CPU from the caller's next step. Helpers are offered a share from the size
-# (elements of the first argument) where they paid off, measured with 2 threads and a BLAS
-# product before every call as in the forward pass (`python bench/kernels.py`):
-#   matmul_nt: from 2 tokens. One 15-token sentence, p50 of 200 forwards: 15-17 ms shared,
-#     24 ms on one thread, 18-26 ms as a prange on Numba's workqueue pool.
-#   FFF walk: from 32 tokens (11 tokens: 19 us alone, 23 us with helpers; 64: 102 vs 84 us).
-#   softmax: from one 128-token sequence (273 vs 187 us; 64 tokens: 70-71 vs 71-89 us).
-#   LayerNorm: from 256 rows, where helpers gain a little (1024 rows: 337 vs 321 us).
-#   GELU (the dense baselines of bench/ only): from 16 rows of 3072.
+# (elements of the first argument) where they paid off (bench/README.md, "Threads";
+# `python bench/kernels.py`).
 
 _SHARED = {  # kernel -> first-argument size from which helpers are offered a share
     matmul_nt: 2 * 768,
@@ -612,28 +609,6 @@ _SHARED = {  # kernel -> first-argument size from which helpers are offered a sh
     masked_softmax_: 12 * 128 * 128,
     gelu_: 16 * 3072,
 }
-
-_SPINS = 1 << 12   # checks between yields while a helper finishes its last block
-_local = threading.local()
-
-
-def run(kernel, *args):
-    """kernel(*args) on this thread, with `threads() - 1` helper threads offered a share when
-    the input is large enough (see "Shared kernels")."""
-    n = threads()
-    if n == 1 or args[0].size < _SHARED[kernel]:
-        return run_here(kernel, *args)
-    state = np.zeros(SHARED_SLOTS, np.int64)
-    workshare.offer(kernel, args + (state,), n - 1)
-    kernel(*args, state)
-    while not helpers_done(state, _SPINS):
-        os.sched_yield()
-    return None
-
-
-def run_here(kernel, *args):
-    """kernel(*args) on the calling thread alone (work already split among threads)."""
-    return kernel(*args, np.zeros(SHARED_SLOTS, np.int64))
 
 
 def _example_calls() -> dict:
@@ -665,16 +640,5 @@ def warmup() -> None:
     helpers_done(np.zeros(SHARED_SLOTS, np.int64), 1)
 
 
-def set_threads(n: int) -> None:
-    """Threads (the caller and n - 1 helpers) for kernels run from the calling Python thread;
-    each Python thread has its own setting, as each model call applies its model's."""
-    _local.threads = n
-
-
-def threads() -> int:
-    return getattr(_local, "threads", max_threads())
-
-
-def max_threads() -> int:
-    """NUMBA_NUM_THREADS if set, else the machine's CPU count (Numba's reading of both)."""
-    return numba.config.NUMBA_NUM_THREADS
+# Numba would unpickle whatever it finds in its cache folder: every kernel's cache checks its files.
+settings.guard_kernel_caches(v for v in list(globals().values()) if isinstance(v, CPUDispatcher))

@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-from . import kernels, threads, workshare
+from . import kernels, threads
 from .config import Config
 from .weights import Layer, Weights
 
@@ -36,7 +36,7 @@ def sinusoidal_positions(s: int, h: int) -> np.ndarray:  # -> [S, H], read-only
 def layer_norm(x: np.ndarray, w: np.ndarray, b: np.ndarray, eps: float) -> np.ndarray:  # [..., H] -> [..., H]
     flat = np.ascontiguousarray(x).reshape(-1, x.shape[-1])
     out = np.empty_like(flat)
-    kernels.run(kernels.layer_norm, flat, w, b, f32(eps), out)
+    threads.run(kernels.layer_norm, flat, w, b, f32(eps), out)
     return out.reshape(x.shape)
 
 
@@ -53,9 +53,8 @@ def key_bias(mask: np.ndarray) -> np.ndarray:  # [B, S] of 0/1 -> [B, S] additiv
 
 
 # Up to this many tokens a projection runs in kernels.matmul_nt, beyond it in OpenBLAS, which
-# wins on large products; one token is a GEMV, where OpenBLAS wins too (bench/README.md). At 2
-# threads, weights streamed from memory: 128 x 768 @ 768 x 2304 in 2.5 ms against 2.9 ms, 256
-# tokens a tie (`python bench/kernels.py`); a 1 x 128 forward 81-83 ms against 88-112 ms with 64.
+# wins on large products; one token is a GEMV, where OpenBLAS wins too (bench/README.md,
+# "Projections of a few tokens").
 SMALL_PRODUCT_TOKENS = 128
 
 
@@ -64,17 +63,8 @@ def linear(x: np.ndarray, w: np.ndarray) -> np.ndarray:  # [M, K], [N, K] (as to
     if not 2 <= x.shape[0] <= SMALL_PRODUCT_TOKENS:
         return x @ w.T
     out = np.empty((x.shape[0], w.shape[0]), f32)
-    kernels.run(kernels.matmul_nt, np.ascontiguousarray(x), w, out)
+    threads.run(kernels.matmul_nt, np.ascontiguousarray(x), w, out)
     return out
-
-
-# From this many scores (sequences x heads x S x S), the heads of a self-attention are shared
-# with helper threads, each head's products on one BLAS thread: OpenBLAS's own threads, woken for
-# each of these small products, made them slower at 2 threads than at 1. Per call at 2 threads,
-# a GEMM before each: 8 x 128 tokens 4.7 ms shared against 7.6 ms batched, 1 x 128 0.73 against
-# 1.11 ms, 16 x 20 0.84 against 1.1 ms; below, a dozen NumPy calls per head cost more than they
-# save (1 x 80: 0.56 against 0.51 ms, 4 x 32: 0.54-0.61 against 0.49-0.50 ms).
-SHARED_ATTENTION_SCORES = 1 << 16
 
 
 def self_attention(qkv: np.ndarray, bias: np.ndarray, layer: Layer, cfg: Config) -> np.ndarray:
@@ -82,20 +72,17 @@ def self_attention(qkv: np.ndarray, bias: np.ndarray, layer: Layer, cfg: Config)
     n, s, _ = qkv.shape
     a, d = cfg.heads, cfg.head_size
     q, k, v = qkv.reshape(n, s, 3, a, d).transpose(2, 0, 3, 1, 4)  # 3 x [n, A, S, d]
-    helpers = kernels.threads() - 1
-    if helpers == 0 or n * a * s * s < SHARED_ATTENTION_SCORES:
-        scores = q @ k.transpose(0, 1, 3, 2)                       # [n, A, S, S]
-        kernels.run(kernels.masked_softmax_, scores, bias, layer.norm_factor)   # softmax over keys, in place
-        return (scores @ v).transpose(0, 2, 1, 3).reshape(n * s, a * d)  # feature = head*d + i
     ctx = np.empty((n, s, a, d), f32)
 
     def head(i):  # head i of every sequence
         scores = q[:, i] @ k[:, i].transpose(0, 2, 1)              # [n, S, S]
-        kernels.run_here(kernels.masked_softmax_, scores[:, None], bias, layer.norm_factor)
+        threads.run_here(kernels.masked_softmax_, scores[:, None], bias, layer.norm_factor)
         ctx[:, :, i] = scores @ v[:, i]                             # [n, S, d]
-    with threads.blas_single_threaded():
-        workshare.share_items(head, a, helpers)
-    return ctx.reshape(n * s, a * d)
+    if threads.share_heads(head, a, n * a * s * s):                # large enough, and helpers to share with
+        return ctx.reshape(n * s, a * d)
+    scores = q @ k.transpose(0, 1, 3, 2)                           # [n, A, S, S]
+    threads.run(kernels.masked_softmax_, scores, bias, layer.norm_factor)   # softmax over keys, in place
+    return (scores @ v).transpose(0, 2, 1, 3).reshape(n * s, a * d)  # feature = head*d + i
 
 
 def attention(h: np.ndarray, bias: np.ndarray, layer: Layer, cfg: Config) -> np.ndarray:  # [B, S, H] -> [B, S, H]
@@ -114,7 +101,7 @@ def fff(y: np.ndarray, w_in: np.ndarray, b_in: np.ndarray, w_out: np.ndarray,
     out = np.empty_like(y)
     routes = np.empty((t, depth + 1), np.int32)
     logits = np.empty((t, depth + 1), f32)
-    kernels.run(kernels.fff_walk, y, w_in, b_in, w_out, depth, out, routes, logits)
+    threads.run(kernels.fff_walk, y, w_in, b_in, w_out, depth, out, routes, logits)
     return out, routes, logits
 
 
@@ -137,7 +124,7 @@ def feedforward_dense_masked(h: np.ndarray, layer: Layer, cfg: Config) -> np.nda
         on_path[t, node] = True
         node = 2 * node + 1 + (z[t, node] > 0)
     g = np.where(on_path, z, f32(0.0))
-    kernels.run(kernels.gelu_, g)                                      # GELU(0) = 0 off the path
+    threads.run(kernels.gelu_, g)                                      # GELU(0) = 0 off the path
     return (g @ layer.w_out).reshape(h.shape)
 
 

@@ -178,7 +178,27 @@ def open_tensors(path: str | Path) -> dict[str, np.ndarray]:
     return out
 
 
-def tensor_specs(path: str | Path) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """name -> (dtype string, shape), from the header alone."""
-    header, _, _ = read_header(path)
-    return {k: (e["dtype"], tuple(e["shape"])) for k, e in header.items()}
+def write_tensors(path: str | Path, specs: list[tuple[str, tuple]], arrays, metadata: dict[str, str]) -> None:
+    """A float32 safetensors file, written one tensor at a time in the order of specs [(name,
+    shape)] from the iterable arrays (so a writer holds one tensor at a time). Opened with open(),
+    so it gets the umask's mode like every other file; the header is padded with spaces to a
+    multiple of 8 bytes, as the safetensors library pads it, so every tensor is aligned."""
+    header: dict = {"__metadata__": metadata}
+    offset = 0
+    for name, shape in specs:
+        n = math.prod(shape) * 4
+        header[name] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    written = 0
+    with open(path, "xb") as f:
+        f.write(len(raw).to_bytes(8, "little") + raw)
+        for (name, shape), a in zip(specs, arrays):
+            a = np.ascontiguousarray(a, dtype=DTYPES["F32"])
+            if a.shape != tuple(shape):
+                raise ValueError(f"tensor {name!r} is {list(a.shape)}, its header entry says {list(shape)}")
+            f.write(memoryview(a).cast("B"))
+            written += a.nbytes
+    if written != offset:
+        raise ValueError(f"{path}: {written} bytes of tensors written, the header holds {offset}")

@@ -1,27 +1,92 @@
-"""One `threads` setting for both kinds of threads: NumPy's BLAS (OpenBLAS) and ufcpu's own, the
-caller plus helper threads that join the Numba kernels (kernels.set_threads, ufcpu/workshare.py).
+"""Who runs what, on how many threads: the one owner of ufcpu's thread counts.
 
-The two never run at the same time in the forward pass (GEMM, then a kernel, then GEMM), but both
-must be told the same limit, or `--threads 1` would still use every core in the GEMMs. OpenBLAS
-is found among the loaded shared libraries (as threadpoolctl does, without depending on it); if
-it cannot be found (another BLAS), only ufcpu's setting applies and `blas_threads()` says None.
+Two kinds of threads share the cores: OpenBLAS's pool (the GEMMs) and ufcpu's own, the calling
+thread plus helper threads that join a Numba kernel it has started (ufcpu/kernels.py, "Shared
+kernels"). A model's `threads` governs both, on every call of that model:
 
-OpenBLAS's idle workers spin for about 0.1 s after every product, on the cores a Numba kernel
-launched next needs: after a GEMM, a 2-thread FFF walk of 16384 tokens took 58 ms instead of 33.
-ufcpu/__init__.py sets OPENBLAS_THREAD_TIMEOUT=4 (sleep at once) before NumPy loads OpenBLAS;
-this works when ufcpu is imported first, and `blas_workers_sleep()` says whether it did.
+- `calls(n)` is one model call: the calling Python thread's kernels use n threads (`count()`), and
+  OpenBLAS runs on n threads until the call ends. OpenBLAS's count is process-wide, so the
+  calls in force share one count: a call that needs another waits until they end (calls of the
+  same count run at once, and a waiting call is let in before newer calls of the count in force).
+- `run(kernel, *args)` launches a shared kernel: on the calling thread, with `count() - 1`
+  helpers offered a share when the input is large enough (`kernels._SHARED`).
+- `share_heads` runs the heads of one attention on those threads, each head's products on one
+  OpenBLAS thread (OpenBLAS's own threads, woken for each small product, made it slower).
+- The helpers are plain daemon Python threads, started on first use, asleep on a queue when idle;
+  each offer goes to the newest slots of a bounded board, so a stale offer never hides a new one.
+  A helper that wakes late finds fewer blocks or none: nobody waits for a thread to wake up. After
+  a fork the child starts with no helpers and makes its own.
+
+OpenBLAS is found among the loaded shared libraries (as threadpoolctl does, without depending on
+it); with another BLAS only ufcpu's own count applies and `blas_threads()` is None.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import functools
+import itertools
+import logging
 import os
+import queue
+import threading
 
+import numba
 import numpy as np  # (also loads the BLAS library this module looks for)
 
 from . import kernels
 from .errors import InputError
+
+log = logging.getLogger("ufcpu")
+
+# --- how many ------------------------------------------------------------------------------------
+
+def available() -> int:
+    """NUMBA_NUM_THREADS if set, else the machine's CPU count (Numba's reading of both)."""
+    return numba.config.NUMBA_NUM_THREADS
+
+
+def cpu_count() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+_capped: set = set()
+
+
+def resolve(n: int | None) -> int:
+    """A `threads=` argument -> the thread count used: None is every core; more than the cores is
+    capped at them, with a one-time warning naming both numbers."""
+    top = available()
+    if n is None:
+        return top
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise InputError(f"threads must be at least 1, got {n!r} (a whole number of threads)")
+    if n > top and n not in _capped:
+        _capped.add(n)
+        log.warning("threads=%d is more than the %d cores available: using %d", n, top, top)
+    return min(int(n), top)
+
+
+_local = threading.local()    # .count: this Python thread's kernel threads; .held: its OpenBLAS hold
+
+
+def count() -> int:
+    """Threads (the caller and count() - 1 helpers) for kernels run from this Python thread."""
+    return getattr(_local, "count", None) or available()
+
+
+def set_threads(n: int | None) -> int:
+    """For code that calls ufcpu.model's functions directly: n threads for this Python thread's
+    kernels, and OpenBLAS set to n now (a model call sets both for its own duration). -> n used."""
+    n = resolve(n)
+    _local.count = n
+    with _blas(n):
+        pass
+    return n
+
+
+# --- OpenBLAS ------------------------------------------------------------------------------------
 
 # OpenBLAS builds name their setters differently: NumPy's wheels use the scipy_openblas prefix.
 _SETTERS = ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads",
@@ -50,53 +115,245 @@ def _openblas():
 
 
 def blas_threads() -> int | None:
+    """OpenBLAS's thread count now, as OpenBLAS reports it (None: OpenBLAS not found)."""
     lib = _openblas()
     return int(lib[1]()) if lib else None
 
 
-def available() -> int:
-    return kernels.max_threads()
-
-
-def set_threads(n: int | None) -> int:
-    """Use n threads for OpenBLAS and the kernels (None: every core, or NUMBA_NUM_THREADS).
-    -> the number set."""
-    top = available()
-    if n is None:
-        n = top
-    elif isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-        raise InputError(f"threads must be at least 1, got {n!r} (a whole number of threads)")
-    n = min(int(n), top)
-    kernels.set_threads(n)
+def _set_blas(n: int) -> None:
+    """The only place that sets OpenBLAS's count; called by the gate with its lock held."""
     lib = _openblas()
     if lib:
         lib[0](n)
-    return n
+
+
+class _BlasGate:
+    """Holders of one OpenBLAS count: any number at once, all of the same count."""
+
+    def __init__(self, users: int = 0):
+        self.cond = threading.Condition(threading.Lock())
+        self.count: int | None = None       # what the gate last set OpenBLAS to
+        self.users = users
+        self.waiting: collections.Counter = collections.Counter()   # count -> callers waiting for it
+        self.let_in = 0                     # waiters of the count just switched to, still to enter
+
+    def _others_wait(self, n: int) -> bool:
+        return any(c != n and k for c, k in self.waiting.items())
+
+    def acquire(self, n: int) -> None:
+        with self.cond:
+            if (self.users == 0 or self.count == n) and not self._others_wait(n):
+                return self._enter(n)
+            self.waiting[n] += 1
+            while True:
+                self.cond.wait(0.5)                       # (a timeout only re-checks)
+                if self.users == 0:                       # the gate is free: switch to n
+                    self.waiting[n] -= 1
+                    self.let_in = self.waiting[n]         # and let in who waited for n with us
+                    self.cond.notify_all()
+                    return self._enter(n)
+                if self.count == n and (self.let_in > 0 or not self._others_wait(n)):
+                    self.waiting[n] -= 1
+                    self.let_in = max(0, self.let_in - 1)
+                    return self._enter(n)
+
+    def _enter(self, n: int) -> None:
+        if self.count != n:
+            _set_blas(n)
+            self.count = n
+        self.users += 1
+
+    def release(self) -> None:
+        with self.cond:
+            self.users = max(0, self.users - 1)
+            if self.users == 0:
+                self.let_in = 0
+                self.cond.notify_all()
+
+
+_gate = _BlasGate()
 
 
 @contextlib.contextmanager
-def blas_single_threaded():
-    """OpenBLAS on one thread inside the block, for small products that ufcpu's own threads run
-    side by side; afterwards the calling thread's setting (`kernels.threads()`), which is what
-    `set_threads` gave OpenBLAS. OpenBLAS's count is process-wide: a product another Python
-    thread runs meanwhile may run on one thread too (the same result, later)."""
-    lib = _openblas()
-    if lib is None:
+def _blas(n: int):
+    """OpenBLAS on n threads inside the block, for this thread (switching from the count it holds,
+    if any, and back after; a thread holds one count at a time, so no two wait on each other)."""
+    held = getattr(_local, "held", None)
+    if held == n or _openblas() is None:
         yield
         return
-    lib[0](1)
+    if held is not None:
+        _gate.release()
+    _gate.acquire(n)
+    _local.held = n
     try:
         yield
     finally:
-        lib[0](kernels.threads())
+        _gate.release()
+        _local.held = held
+        if held is not None:
+            _gate.acquire(held)
 
 
-def blas_workers_sleep() -> bool:
-    """Whether OpenBLAS was loaded after ufcpu set OPENBLAS_THREAD_TIMEOUT (or the user set it):
-    then its idle workers sleep at once instead of spinning next to ufcpu's (ufcpu/__init__.py)."""
-    import ufcpu
-    return ufcpu.BLAS_SPIN_SETTLED
+@contextlib.contextmanager
+def calls(n: int):
+    """One call of a model with n threads: this Python thread's kernels use n, and OpenBLAS runs
+    on n threads until the block ends (waiting, first, for calls that need another count)."""
+    before = getattr(_local, "count", None)
+    _local.count = n
+    try:
+        with _blas(n):
+            yield
+    finally:
+        _local.count = before
 
 
-def cpu_count() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+# --- helper threads ------------------------------------------------------------------------------
+
+_board: collections.deque = collections.deque(maxlen=1)   # the newest offers, one per helper at most
+_wake: queue.SimpleQueue = queue.SimpleQueue()             # one token per offer, at most one per helper
+_helpers: list[threading.Thread] = []
+_grow = threading.Lock()
+
+
+def _serve() -> None:
+    while True:
+        _wake.get()
+        while True:
+            try:
+                kernel, args = _board.popleft()
+            except IndexError:
+                break
+            try:
+                kernel(*args)
+            except Exception:  # a kernel only does arithmetic; the caller has done every block anyway
+                log.debug("a helper thread's share of %s failed", getattr(kernel, "__name__", kernel), exc_info=True)
+
+
+def _ensure(n: int) -> None:
+    global _board
+    with _grow:
+        if len(_helpers) >= n:
+            return
+        while len(_helpers) < n:
+            t = threading.Thread(target=_serve, name=f"ufcpu-helper-{len(_helpers)}", daemon=True)
+            t.start()
+            _helpers.append(t)
+        _board = collections.deque(_board, maxlen=len(_helpers))
+
+
+def offer(kernel, args: tuple, n: int) -> None:
+    """Let up to n helper threads run kernel(*args) too, and return at once. The board keeps only
+    the newest offers (one per helper): an older one, whose call has likely ended, is dropped."""
+    if n < 1:
+        return
+    _ensure(n)
+    board = _board
+    for _ in range(n):
+        board.append((kernel, args))
+        if _wake.qsize() < len(_helpers):
+            _wake.put(None)
+
+
+def helper_count() -> int:
+    return len(_helpers)
+
+
+class _Items:
+    """fn(0) .. fn(count - 1), each called once by whichever thread takes it next."""
+
+    def __init__(self, fn, count: int):
+        self.fn, self.count = fn, count
+        self.next = itertools.count()   # next() is atomic under the GIL
+        self.inside = 0
+        self.error: BaseException | None = None
+        self.idle = threading.Condition()
+
+    def work(self) -> None:
+        with self.idle:
+            self.inside += 1
+        try:
+            while self.error is None and (i := next(self.next)) < self.count:
+                self.fn(i)
+        except BaseException as e:       # re-raised on the calling thread by `wait`
+            self.error = self.error or e
+        finally:
+            with self.idle:
+                self.inside -= 1
+                self.idle.notify_all()
+
+    def wait(self) -> None:
+        """Until no thread is inside `work` (a helper entering later finds nothing left)."""
+        with self.idle:
+            while self.inside:
+                self.idle.wait()
+        if self.error is not None:
+            raise self.error
+
+
+def share_items(fn, n_items: int, helpers: int) -> None:
+    """fn(i) for i in range(n_items), on the calling thread and up to `helpers` helper threads
+    joining it, for Python work that releases the GIL most of the time (NumPy products, Numba
+    kernels). Returns when every call has returned; an exception in any call is raised here."""
+    items = _Items(fn, n_items)
+    offer(items.work, (), helpers)
+    items.work()
+    items.wait()
+
+
+# --- launching -----------------------------------------------------------------------------------
+
+_SPINS = 1 << 12   # checks between yields while a helper finishes its last block
+
+
+def run(kernel, *args):
+    """kernel(*args) on this thread, with count() - 1 helper threads offered a share when the
+    input (its first argument) is at least kernels._SHARED[kernel] elements."""
+    n = count()
+    if n == 1 or args[0].size < kernels._SHARED[kernel]:
+        return run_here(kernel, *args)
+    state = np.zeros(kernels.SHARED_SLOTS, np.int64)
+    offer(kernel, args + (state,), n - 1)
+    kernel(*args, state)
+    while not kernels.helpers_done(state, _SPINS):
+        os.sched_yield()
+    return None
+
+
+def run_here(kernel, *args):
+    """kernel(*args) on the calling thread alone (work already split among threads)."""
+    return kernel(*args, np.zeros(kernels.SHARED_SLOTS, np.int64))
+
+
+# From this many scores (sequences x heads x S x S) sharing the heads pays; below, a dozen NumPy
+# calls per head cost more than they save (bench/README.md, "Threads").
+SHARED_ATTENTION_SCORES = 1 << 16
+
+
+def share_heads(head, heads: int, scores: int) -> bool:
+    """head(i) for i in range(heads) on this thread and count() - 1 helpers, OpenBLAS on one
+    thread meanwhile, when there are helpers and `scores` reaches SHARED_ATTENTION_SCORES.
+    -> False, having run nothing, otherwise (the caller runs the heads batched)."""
+    n = count()
+    if n == 1 or scores < SHARED_ATTENTION_SCORES:
+        return False
+    with _blas(n), _blas(1):       # the outer hold is a no-op inside a model call
+        share_items(head, heads, n - 1)
+    return True
+
+
+# --- fork ----------------------------------------------------------------------------------------
+
+def _after_fork_in_child() -> None:
+    global _board, _wake, _grow, _gate
+    _board = collections.deque(maxlen=1)
+    _wake = queue.SimpleQueue()
+    _grow = threading.Lock()
+    _helpers.clear()
+    gate = _BlasGate(users=1 if getattr(_local, "held", None) is not None else 0)
+    gate.count = _gate.count
+    _gate = gate
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

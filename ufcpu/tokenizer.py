@@ -136,8 +136,8 @@ class Tokenizer:
     def id_to_token(self, i: int) -> str:
         return self._tok.id_to_token(int(i))
 
-    def decode(self, ids: Sequence[int]) -> str:
-        return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
     def normalize_mask(self, text: str) -> str:
         for alias in MASK_ALIASES:

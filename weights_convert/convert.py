@@ -1,139 +1,95 @@
 """Hub checkpoint -> engine layout, in one place.
 
-Every layout change the engine wants is done here, once, with the reason next to it:
+The engine layout (files, tensor names, fields, shapes, reorderings) is declared in
+`ufcpu/layout.py`; this module maps the Hub's tensor names onto it and writes exactly what it
+declares. Every source tensor must be consumed, every engine tensor is produced with the
+declared shape, and anything else is an error that names the user's file and the tensor in it.
+`decoder.weight` (MLM) is a stored copy of the word embedding (tied weights): checked equal, dropped.
 
-- attention's fused QKV weight is stored per head interleaved (head j owns rows 192j..192j+191:
-  64 of Q, then 64 of K, then 64 of V). We regroup the rows to Q-block | K-block | V-block, each
-  head-major, so that one GEMM gives [S, 3H] whose three thirds reshape straight to [S, heads, 64].
-- the FFF output weight is [H, N] (column n = node n's output vector); we store it node-major
-  [N, H] so a visited node's vector is one contiguous 3 KB row.
-- `decoder.weight` is a stored copy of the word embedding (tied weights): checked equal, dropped.
-- 0-dim scalars become [1] arrays.
-
-The mapping is a table: every source tensor must be consumed, every engine tensor produced with
-the shape the config predicts, and anything else is an error that names the tensor.
+Every check runs once, before anything is written: config, tensor names, shapes and dtypes, the
+tied decoder, the tokenizer. The result carries the checked config and tokenizer, so the load
+that follows a conversion checks neither again.
 """
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
-from ufcpu.config import Config, check_config, config_from_hub, read_hub_config
+from ufcpu import folders, layout
+from ufcpu.config import Config, check_config
 from ufcpu.errors import CacheError, CheckpointError
-from ufcpu.weights import ENGINE_CONFIG, ENGINE_FORMAT, ENGINE_VERSION, ENGINE_WEIGHTS
+from ufcpu.safetensors_io import open_tensors, write_tensors
+from ufcpu.weights import Checked, open_tokenizer
+from weights_convert.hub_config import config_from_hub, read_hub_config, with_label_count
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-HUB_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.pth", "pytorch_model.pth")
-
-
-# --- transforms: (array, config) -> array --------------------------------------------------------
-
-def _same(a: np.ndarray, cfg: Config) -> np.ndarray:
-    return a
-
-
-def _scalar(a: np.ndarray, cfg: Config) -> np.ndarray:  # [] or [1] -> [1]
-    return a.reshape(1)
-
-
-def _qkv_regroup(a: np.ndarray, cfg: Config) -> np.ndarray:  # [3H, H] interleaved -> [3H, H] grouped
-    heads, hd, h = cfg.heads, cfg.head_size, cfg.hidden
-    return a.reshape(heads, 3, hd, h).transpose(1, 0, 2, 3).reshape(3 * h, h)
-
-
-def _node_major(a: np.ndarray, cfg: Config) -> np.ndarray:  # [H, N] -> [N, H]
-    return a.T
-
-
-# --- the table ---------------------------------------------------------------------------------
-# (hub name, engine name, transform, hub shape as a function of the config). "{i}" = layer index.
 Shape = Callable[[Config], tuple]
 
-EMBEDDING: list[tuple[str, str, Callable, Shape]] = [
-    ("encoder.embedding.word_embedding.weight", "embed.word", _same, lambda c: (c.vocab, c.hidden)),
-    ("encoder.embedding.pos_embedding.scale_factor", "embed.pos_scale", _scalar, lambda c: (1,)),
-    ("encoder.embedding.norm.weight", "embed.norm.w", _same, lambda c: (c.hidden,)),
-    ("encoder.embedding.norm.bias", "embed.norm.b", _same, lambda c: (c.hidden,)),
-]
-LAYER = [
-    ("encoder.layers.{i}.norm1.weight", "layer.{i}.ln1.w", _same, lambda c: (c.hidden,)),
-    ("encoder.layers.{i}.norm1.bias", "layer.{i}.ln1.b", _same, lambda c: (c.hidden,)),
-    ("encoder.layers.{i}.attn.self_attention.query_key_value.weight", "layer.{i}.qkv", _qkv_regroup,
-     lambda c: (3 * c.hidden, c.hidden)),
-    ("encoder.layers.{i}.attn.self_attention.norm_factor", "layer.{i}.norm_factor", _scalar, lambda c: ()),
-    ("encoder.layers.{i}.attn.dense.weight", "layer.{i}.attn_out", _same, lambda c: (c.hidden, c.hidden)),
-    ("encoder.layers.{i}.norm2.weight", "layer.{i}.ln2.w", _same, lambda c: (c.hidden,)),
-    ("encoder.layers.{i}.norm2.bias", "layer.{i}.ln2.b", _same, lambda c: (c.hidden,)),
-    ("encoder.layers.{i}.ffn.linear_in.weight", "layer.{i}.fff.w_in", _same, lambda c: (c.nodes, c.hidden)),
-    ("encoder.layers.{i}.ffn.linear_in.bias", "layer.{i}.fff.b_in", _same, lambda c: (c.nodes,)),
-    ("encoder.layers.{i}.ffn.linear_out.weight", "layer.{i}.fff.w_out", _node_major, lambda c: (c.hidden, c.nodes)),
-]
-FINAL = [
-    ("encoder.final_norm.weight", "final.ln.w", _same, lambda c: (c.hidden,)),
-    ("encoder.final_norm.bias", "final.ln.b", _same, lambda c: (c.hidden,)),
-]
-# Sequence classification: label count C comes from head.weight itself (MODEL.md section 7).
-CLS_POOLER = [
-    ("pooler.dense.weight", "pooler.w", _same, lambda c: (c.head_dim, c.hidden)),
-    ("pooler.dense.bias", "pooler.b", _same, lambda c: (c.head_dim,)),
-]
-CLS_HEAD = [
-    ("head.weight", "head.w", _same, lambda c: (c.num_labels, c.head_dim if c.include_ff_layer else c.hidden)),
-    ("head.bias", "head.b", _same, lambda c: (c.num_labels,)),
-]
+# engine name (as declared in ufcpu/layout.py) -> (Hub name, Hub shape). "{i}" = layer index.
+HUB_NAMES: dict[str, tuple[str, Shape]] = {
+    "embed.word": ("encoder.embedding.word_embedding.weight", lambda c: (c.vocab, c.hidden)),
+    "embed.pos_scale": ("encoder.embedding.pos_embedding.scale_factor", lambda c: (1,)),
+    "embed.norm.w": ("encoder.embedding.norm.weight", lambda c: (c.hidden,)),
+    "embed.norm.b": ("encoder.embedding.norm.bias", lambda c: (c.hidden,)),
+    "layer.{i}.ln1.w": ("encoder.layers.{i}.norm1.weight", lambda c: (c.hidden,)),
+    "layer.{i}.ln1.b": ("encoder.layers.{i}.norm1.bias", lambda c: (c.hidden,)),
+    "layer.{i}.qkv": ("encoder.layers.{i}.attn.self_attention.query_key_value.weight",
+                      lambda c: (3 * c.hidden, c.hidden)),
+    "layer.{i}.norm_factor": ("encoder.layers.{i}.attn.self_attention.norm_factor", lambda c: ()),
+    "layer.{i}.attn_out": ("encoder.layers.{i}.attn.dense.weight", lambda c: (c.hidden, c.hidden)),
+    "layer.{i}.ln2.w": ("encoder.layers.{i}.norm2.weight", lambda c: (c.hidden,)),
+    "layer.{i}.ln2.b": ("encoder.layers.{i}.norm2.bias", lambda c: (c.hidden,)),
+    "layer.{i}.fff.w_in": ("encoder.layers.{i}.ffn.linear_in.weight", lambda c: (c.nodes, c.hidden)),
+    "layer.{i}.fff.b_in": ("encoder.layers.{i}.ffn.linear_in.bias", lambda c: (c.nodes,)),
+    "layer.{i}.fff.w_out": ("encoder.layers.{i}.ffn.linear_out.weight", lambda c: (c.hidden, c.nodes)),
+    "final.ln.w": ("encoder.final_norm.weight", lambda c: (c.hidden,)),
+    "final.ln.b": ("encoder.final_norm.bias", lambda c: (c.hidden,)),
+    "pooler.w": ("pooler.dense.weight", lambda c: (c.cls_dense_width, c.hidden)),
+    "pooler.b": ("pooler.dense.bias", lambda c: (c.cls_dense_width,)),
+    "head.w": ("head.weight", lambda c: (c.num_labels, c.cls_dense_width if c.include_ff_layer else c.hidden)),
+    "head.b": ("head.bias", lambda c: (c.num_labels,)),
+}
 TIED_DECODER = "decoder.weight"   # MLM: equal to the word embedding; checked, then dropped
+HEAD_WEIGHT = "head.weight"       # classification: its rows are the label count
 
 
-def mapping(cfg: Config) -> list[tuple[str, str, Callable, tuple]]:
-    """Every (hub name, engine name, transform, expected hub shape) for this config."""
-    rows = list(EMBEDDING)
-    for i in range(cfg.layers):
-        rows += [(h.format(i=i), e.format(i=i), f, s) for h, e, f, s in LAYER]
-    rows += FINAL
-    if cfg.task == "classification":
-        rows += (CLS_POOLER if cfg.include_ff_layer else []) + CLS_HEAD
-    return [(h, e, f, s(cfg)) for h, e, f, s in rows]
+def plan(cfg: Config) -> list[tuple[str, layout.Entry, tuple]]:
+    """Every (Hub name, engine entry, expected Hub shape) of this config, in engine file order."""
+    out = []
+    for e in layout.entries(cfg):
+        hub, shape = HUB_NAMES[e.spec.name]
+        out.append((hub.format(i=e.layer) if e.layer is not None else hub, e, shape(cfg)))
+    return out
 
 
-def engine_shapes(cfg: Config) -> dict[str, tuple]:
-    """Engine tensor name -> shape, predicted from the config alone (used to validate a load)."""
-    dummy = {}
-    for hub, eng, f, shape in mapping(cfg):
-        probe = np.lib.stride_tricks.as_strided(np.zeros(1, np.float32), shape=shape, strides=(0,) * len(shape))
-        dummy[eng] = f(probe, cfg).shape
-    return dummy
+def read_hub_tensors(folder: Path) -> tuple[dict[str, np.ndarray], str]:
+    """The checkpoint's tensors (safetensors preferred, else a torch pickle read without torch)."""
+    for name in layout.SOURCE_WEIGHTS:
+        path = folder / name
+        if path.is_file():
+            if name.endswith(".safetensors"):
+                return open_tensors(path), str(path)
+            from weights_convert.torch_pickle import load_torch_checkpoint
+            return load_torch_checkpoint(path), str(path)
+    raise CheckpointError(f"{folder}: no weights found (expected one of {', '.join(layout.SOURCE_WEIGHTS)})")
 
 
-def _finish_config(cfg: Config, tensors: dict[str, np.ndarray], source: str) -> Config:
-    """Fill in what only the tensors know: the label count of a classifier."""
-    if cfg.task != "classification":
-        return cfg
-    if "head.weight" not in tensors:
-        raise CheckpointError(f"{source}: classification checkpoint has no 'head.weight'")
-    if tensors["head.weight"].ndim != 2 or tensors["head.weight"].shape[0] < 1:
-        raise CheckpointError(f"{source}: tensor 'head.weight' has shape {list(tensors['head.weight'].shape)}, "
-                              "expected [num_labels >= 1, width]")
-    c = int(tensors["head.weight"].shape[0])
-    if cfg.id2label is not None and len(cfg.id2label) != c:
-        cfg = Config(**{**cfg.__dict__, "id2label": None})
-    return Config(**{**cfg.__dict__, "num_labels": c})
+def check_layer_count(cfg: Config, tensors: dict, source: str, config_source: str) -> None:
+    """Before any per-layer work: a layer count the file cannot hold is refused by the numbers."""
+    if cfg.layers > len(tensors):
+        raise CheckpointError(f"{config_source}: arch.num_transformer_layers = {cfg.layers}, but {source} "
+                              f"holds only {len(tensors)} tensors")
 
 
-def check_hub_tensors(cfg: Config, tensors: dict[str, np.ndarray], source: str) -> Config:
-    """Validate the Hub tensors against the config without converting anything: every expected
-    name present and nothing else, every shape as the config predicts, float dtypes, and the tied
-    decoder equal to the word embedding. -> the config completed with the label count."""
-    cfg = _finish_config(cfg, tensors, source)
-    rows = mapping(cfg)
-    expected = {h for h, _, _, _ in rows}
-    if cfg.task == "mlm":
-        expected.add(TIED_DECODER)
+def check_hub_tensors(cfg: Config, tensors: dict[str, np.ndarray], source: str) -> None:
+    """The Hub tensors against the config, without converting anything: every expected name
+    present and nothing else, every shape as the config predicts, float dtypes, and the tied
+    decoder equal to the word embedding (a full read of both: done once per conversion)."""
+    rows = plan(cfg)
+    expected = {h for h, _, _ in rows} | ({TIED_DECODER} if cfg.task == "mlm" else set())
     missing = sorted(expected - tensors.keys())
     if missing:
         raise CheckpointError(f"{source}: missing tensor(s) {', '.join(missing[:5])}"
@@ -142,7 +98,7 @@ def check_hub_tensors(cfg: Config, tensors: dict[str, np.ndarray], source: str) 
     if extra:
         raise CheckpointError(f"{source}: unexpected tensor(s) {', '.join(extra[:5])}"
                               f"{' ...' if len(extra) > 5 else ''} (not part of a {cfg.layers}-layer checkpoint)")
-    for hub, _, _, shape in rows:
+    for hub, _, shape in rows:
         a = tensors[hub]
         if tuple(a.shape) != shape:
             raise CheckpointError(f"{source}: tensor {hub!r} has shape {list(a.shape)}, "
@@ -150,113 +106,103 @@ def check_hub_tensors(cfg: Config, tensors: dict[str, np.ndarray], source: str) 
         if a.dtype not in (np.float32, np.float16, np.float64):
             raise CheckpointError(f"{source}: tensor {hub!r} has dtype {a.dtype}, expected a float type")
     if cfg.task == "mlm":
-        dec, word = tensors[TIED_DECODER], tensors[EMBEDDING[0][0]]
-        if tuple(dec.shape) != (cfg.vocab, cfg.hidden) or not np.array_equal(
-                np.asarray(dec, np.float32), np.asarray(word, np.float32)):
-            raise CheckpointError(f"{source}: 'decoder.weight' differs from the word embedding; "
-                                  "untied decoders are not supported")
-    return cfg
+        check_tied_decoder(tensors[TIED_DECODER], tensors[HUB_NAMES["embed.word"][0]], source)
 
 
-def hub_to_engine(cfg: Config, tensors: dict[str, np.ndarray], source: str) -> tuple[Config, dict[str, np.ndarray]]:
-    """Map Hub tensors to engine tensors (float32, C-contiguous), validating names and shapes."""
-    cfg = check_hub_tensors(cfg, tensors, source)
-    out = {}
-    for hub, eng, f, _ in mapping(cfg):
-        out[eng] = np.ascontiguousarray(f(np.asarray(tensors[hub], dtype=np.float32), cfg))
-    return cfg, out
+def check_tied_decoder(dec: np.ndarray, word: np.ndarray, source: str) -> None:
+    """The MLM decoder must be the word embedding (the engine keeps one copy): reads both in full."""
+    if dec.shape != word.shape or not np.array_equal(np.asarray(dec, np.float32), np.asarray(word, np.float32)):
+        raise CheckpointError(f"{source}: {TIED_DECODER!r} differs from the word embedding; "
+                              "untied decoders are not supported")
 
 
-def read_hub_tensors(folder: Path) -> tuple[dict[str, np.ndarray], str]:
-    """The checkpoint's tensors (safetensors preferred, else a torch pickle read without torch)."""
-    from ufcpu.safetensors_io import open_tensors
+def engine_tensors(cfg: Config, tensors: dict[str, np.ndarray], source: str) -> Iterator[np.ndarray]:
+    """The engine tensors in file order, one at a time (so a conversion holds one tensor's copy),
+    each checked against its declared shape."""
+    for hub, e, _ in plan(cfg):
+        out = layout.to_engine(tensors[hub], e.spec, cfg)
+        if out.shape != e.shape:   # a reordering that disagrees with the layout's declared shape
+            raise CheckpointError(f"{source}: tensor {hub!r} became {list(out.shape)} for {e.name!r}, "
+                                  f"the layout declares {list(e.shape)}")
+        yield out
 
-    for name in HUB_WEIGHT_FILES:
-        path = folder / name
-        if path.is_file():
-            if name.endswith(".safetensors"):
-                return open_tensors(path), str(path)
-            from weights_convert.torch_pickle import load_torch_checkpoint
-            return load_torch_checkpoint(path), str(path)
-    raise CheckpointError(f"{folder}: no weights found (expected one of {', '.join(HUB_WEIGHT_FILES)})")
+
+def check_source(src: Path) -> tuple[Checked, dict[str, np.ndarray], str]:
+    """Read and check everything about a Hub-layout folder, each check once.
+    -> (the checked config and tokenizer, the source tensors, the weights file's path)."""
+    if not src.is_dir():
+        raise CheckpointError(f"{src}: not a folder")
+    cfg_path = src / layout.SOURCE_CONFIG
+    hub_cfg = read_hub_config(cfg_path)
+    cfg = config_from_hub(hub_cfg, str(cfg_path))
+    tok_path = src / layout.TOKENIZER_FILE
+    if not tok_path.is_file():
+        raise CheckpointError(f"{src}: missing {layout.TOKENIZER_FILE}")
+    tok = open_tokenizer(tok_path, cfg, vocab_key="arch.embedding.vocab_size")
+    tensors, wsource = read_hub_tensors(src)
+    check_layer_count(cfg, tensors, wsource, str(cfg_path))
+    if cfg.task == "classification":
+        if HEAD_WEIGHT not in tensors:
+            raise CheckpointError(f"{wsource}: classification checkpoint has no {HEAD_WEIGHT!r}")
+        cfg = with_label_count(cfg, hub_cfg, tuple(tensors[HEAD_WEIGHT].shape), str(cfg_path), wsource)
+    check_config(cfg, str(cfg_path))
+    check_hub_tensors(cfg, tensors, wsource)
+    return Checked(config=cfg, tokenizer=tok), tensors, wsource
 
 
 def convert(src: str | Path, dst: str | Path, log=None) -> Path:
+    """Convert a Hub-layout folder to an engine folder -> dst. See convert_checked."""
+    return convert_checked(src, dst, log=log)[0]
+
+
+def convert_checked(src: str | Path, dst: str | Path, log=None, replace: bool = True) -> tuple[Path, Checked]:
     """Convert a Hub-layout folder to an engine folder. Writes to a temporary sibling first and
     renames, so an interrupted conversion never leaves a folder that looks complete.
 
-    Everything about the source is validated before anything is written or logged (config,
-    tokenizer, safetensors header, tensor names, shapes and dtypes, the tied decoder), so a broken
-    checkpoint is one error line. `log(message)` is told once the slow part starts.
+    Everything about the source is validated before anything is written or logged, so a broken
+    checkpoint is one error line. `log(message)` is told once the slow part starts. An existing
+    dst is replaced only if it is an engine folder holding nothing but what a conversion writes
+    (replace=False: an engine folder already there is kept, as when another process converted
+    the same checkpoint first). -> (dst, the checked config and tokenizer).
 
     Errors: CheckpointError for anything wrong with the source (named by file), CacheError
-    (an OSError) when `dst` cannot be written."""
+    (an OSError) when dst cannot be written or must not be replaced."""
     src, dst = Path(src), Path(dst)
-    if not src.is_dir():
-        raise CheckpointError(f"{src}: not a folder")
-    hub_cfg = read_hub_config(src / "config.json")
-    cfg = config_from_hub(hub_cfg, str(src / "config.json"))
-    for name in TOKENIZER_FILES[:1]:
-        if not (src / name).is_file():
-            raise CheckpointError(f"{src}: missing {name}")
-    check_tokenizer(src / "tokenizer.json", cfg)
-    tensors, wsource = read_hub_tensors(src)
-    cfg = check_hub_tensors(cfg, tensors, wsource)
-    check_config(cfg, wsource)
-
-    if dst.exists() and not (dst / ENGINE_CONFIG).is_file() and (not dst.is_dir() or any(dst.iterdir())):
-        raise CacheError(f"{dst}: exists and is not an engine folder; refusing to replace it")
+    checked, tensors, wsource = check_source(src)
+    folders.refuse_foreign_destination(src, dst)
     try:
-        return _write_engine(src, dst, cfg, tensors, wsource, log)
+        return _write_engine(src, dst, checked.config, tensors, wsource, log, replace), checked
     except OSError as e:
         if isinstance(e, CacheError):
             raise
-        where = e.filename or dst
-        raise CacheError(f"cannot write the converted checkpoint to {dst}: {e.strerror or e} ({where})") from None
+        err = CacheError(f"cannot write the converted checkpoint to {dst}: {e.strerror or e}"
+                         f"{f' ({e.filename})' if e.filename else ''}")
+        err.errno = e.errno   # so a caller can tell a read-only folder from a full disk
+        raise err from None
 
 
-def _write_engine(src: Path, dst: Path, cfg: Config, tensors: dict[str, np.ndarray], wsource: str, log) -> Path:
-    from safetensors.numpy import save_file
-
+def _write_engine(src: Path, dst: Path, cfg: Config, tensors: dict[str, np.ndarray], wsource: str, log,
+                  replace: bool) -> Path:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    folders.clean_stale_partials(dst.parent)
     # A private temporary sibling, renamed into place at the end: an interrupted conversion leaves
     # no folder that looks complete, and two processes converting the same checkpoint at once
     # (e.g. pool workers loading on first use) never touch each other's files.
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=dst.name + ".partial-", dir=dst.parent))
-    try:
+    with folders.partial_folder(dst) as tmp:
         if log:
             log(f"converting {src} -> {dst} (once)")
-        cfg, engine = hub_to_engine(cfg, tensors, wsource)
-        save_file(engine, str(tmp / ENGINE_WEIGHTS))
-        del engine
-        meta = {"format": ENGINE_FORMAT, "version": ENGINE_VERSION, "config": cfg.to_json(),
-                "source": str(src)}
-        for name in TOKENIZER_FILES + ("config.json",):
+        rows = plan(cfg)
+        write_tensors(tmp / layout.WEIGHTS_FILE, [(e.name, e.shape) for _, e, _ in rows],
+                      engine_tensors(cfg, tensors, wsource), {"format": layout.FORMAT, "version": str(layout.VERSION)})
+        for name in layout.SOURCE_COPIED:
             if (src / name).is_file():
                 shutil.copyfile(src / name, tmp / name)
+        meta = {"format": layout.FORMAT, "version": layout.VERSION, "config": cfg.to_json(),
+                "source": str(src), "source_weights": wsource,
+                "tensors": {e.name: hub for hub, e, _ in rows}}
         # engine.json last: a folder is an engine folder only once everything else is in it
-        (tmp / ENGINE_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
-        os.chmod(tmp, 0o755)   # mkdtemp makes it 0700; the cache may be shared read-only later
-        if dst.exists() and (dst / ENGINE_CONFIG).is_file():
-            shutil.rmtree(dst)
-        try:
-            os.rename(tmp, dst)
-        except OSError:
-            if (dst / ENGINE_CONFIG).is_file():   # another process finished the same conversion first
-                return dst
-            raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / layout.CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        folders.move_into_place(tmp, dst, replace)
     return dst
 
 
-def check_tokenizer(path: Path, cfg: Config) -> None:
-    """Load the tokenizer as the engine will, so a broken tokenizer.json is refused at conversion,
-    naming the checkpoint's own file (not its copy in the cache); its ids must fit the embedding."""
-    from ufcpu.tokenizer import Tokenizer
-
-    tok = Tokenizer(path, cfg.max_seq)
-    if tok.vocab_size > cfg.vocab:
-        raise CheckpointError(f"{path}: the tokenizer produces ids up to {tok.vocab_size - 1}, the embedding "
-                              f"has only {cfg.vocab} rows (arch.embedding.vocab_size)")

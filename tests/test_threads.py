@@ -1,0 +1,239 @@
+"""ufcpu/threads.py: the helper threads, the OpenBLAS gate and the thread counts."""
+from __future__ import annotations
+
+import logging
+import threading
+
+import pytest
+
+from ufcpu import threads
+from ufcpu.errors import InputError
+
+WAIT = 30   # seconds an event may take on a loaded machine; a pass never waits this long
+
+
+# --- helper threads ------------------------------------------------------------------------------
+
+def test_offered_work_runs_on_helper_threads():
+    done = threading.Event()
+    seen = []
+
+    def task(tag):
+        seen.append((tag, threading.current_thread().name))
+        done.set()
+
+    threads.offer(task, ("a",), 1)
+    assert done.wait(WAIT), "no helper thread ran the task"
+    assert seen[0][0] == "a" and seen[0][1].startswith("ufcpu-helper-")
+    assert threading.current_thread().name not in {name for _, name in seen}
+
+
+def _block_every_helper():
+    """-> an Event that releases them, once every helper is inside a blocking task."""
+    gate = threading.Event()
+    inside = threading.Semaphore(0)
+
+    def block():
+        inside.release()
+        gate.wait(WAIT)
+
+    threads._ensure(1)
+    for _ in range(threads.helper_count()):
+        threads.offer(block, (), 1)
+        assert inside.acquire(timeout=WAIT)
+    return gate
+
+
+def test_a_new_offer_is_not_hidden_by_stale_ones():
+    """Offers made while every helper is busy (their calls long over) must not keep a new offer
+    off the board: the regression behind a test that waited for a task never queued."""
+    gate = _block_every_helper()
+    for _ in range(3 * threads.helper_count()):
+        threads.offer(lambda: None, (), 1)              # stale by the time a helper is free
+    done = threading.Event()
+    threads.offer(done.set, (), 1)
+    gate.set()
+    assert done.wait(WAIT), "the newest offer was dropped"
+
+
+def test_backlog_is_bounded():
+    """While helpers are busy, the offers kept and the wake-ups pending never outgrow the helpers."""
+    gate = _block_every_helper()
+    for _ in range(50):
+        threads.offer(lambda: None, (), 1)
+    assert len(threads._board) <= threads.helper_count()
+    assert threads._wake.qsize() <= threads.helper_count()
+    gate.set()
+
+
+def test_no_helpers_for_a_count_of_zero():
+    before = threads.helper_count()
+    ran = []
+    threads.offer(lambda: ran.append(1), (), 0)
+    assert threads.helper_count() == before and ran == []
+
+
+def test_a_failing_task_does_not_end_its_helper():
+    done = threading.Event()
+    failed = threading.Event()
+
+    def bad():
+        failed.set()
+        raise RuntimeError("boom")
+
+    threads.offer(bad, (), 1)
+    assert failed.wait(WAIT)
+    threads.offer(done.set, (), 1)
+    assert done.wait(WAIT), "the helper died with the failing task"
+
+
+def test_share_items_calls_each_item_once():
+    seen = []
+    lock = threading.Lock()
+
+    def item(i):
+        with lock:
+            seen.append(i)
+
+    for helpers in (0, 1, 3):
+        seen.clear()
+        threads.share_items(item, 50, helpers)
+        assert sorted(seen) == list(range(50))
+
+
+def test_share_items_raises_what_an_item_raised():
+    def item(i):
+        if i == 7:
+            raise ValueError("item 7")
+
+    with pytest.raises(ValueError, match="item 7"):
+        threads.share_items(item, 20, 1)
+
+
+# --- counts --------------------------------------------------------------------------------------
+
+def test_resolve_caps_at_the_cores_and_says_so_once(caplog):
+    top = threads.available()
+    with caplog.at_level(logging.WARNING, logger="ufcpu"):
+        assert threads.resolve(top + 997) == top
+        assert threads.resolve(top + 997) == top
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == [f"threads={top + 997} is more than the {top} cores available: using {top}"]
+    assert threads.resolve(None) == top and threads.resolve(1) == 1
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, "2", True])
+def test_resolve_refuses_what_is_not_a_count(bad):
+    with pytest.raises(InputError, match="threads must be at least 1"):
+        threads.resolve(bad)
+
+
+def test_calls_nest_and_restore():
+    assert threads.count() == threads.available()
+    with threads.calls(1):
+        assert threads.count() == 1
+        with threads.calls(2):
+            assert threads.count() == 2
+        assert threads.count() == 1
+    assert threads.count() == threads.available()
+
+
+# --- the OpenBLAS gate ---------------------------------------------------------------------------
+
+def test_gate_same_count_shares_other_count_waits(monkeypatch):
+    """Two holders of one count at once; a third needing another count enters only when both have
+    left, and OpenBLAS is set once per switch (the setter is recorded, not OpenBLAS itself)."""
+    sets = []
+    monkeypatch.setattr(threads, "_set_blas", sets.append)
+    gate = threads._BlasGate()
+    gate.acquire(2)
+    gate.acquire(2)
+    entered = threading.Event()
+
+    def other():
+        gate.acquire(1)
+        entered.set()
+        gate.release()
+
+    t = threading.Thread(target=other)
+    t.start()
+    while not gate.waiting[1]:                         # it is waiting, not racing
+        threading.Event().wait(0.001)
+    assert not entered.is_set() and gate.users == 2
+    gate.release()
+    assert not entered.is_set() and gate.users == 1
+    gate.release()
+    assert entered.wait(WAIT)
+    t.join(WAIT)
+    assert sets == [2, 1] and gate.users == 0
+
+
+def test_gate_lets_a_waiter_in_before_newer_calls_of_the_count_in_force(monkeypatch):
+    monkeypatch.setattr(threads, "_set_blas", lambda n: None)
+    gate = threads._BlasGate()
+    gate.acquire(2)
+    order = []
+
+    def waiter():
+        gate.acquire(1)
+        order.append("1")
+        gate.release()
+
+    t = threading.Thread(target=waiter)
+    t.start()
+    while not gate.waiting[1]:
+        threading.Event().wait(0.001)
+
+    def newcomer():
+        gate.acquire(2)                                 # count 2 is in force, but 1 waits first
+        order.append("2")
+        gate.release()
+
+    u = threading.Thread(target=newcomer)
+    u.start()
+    while not gate.waiting[2]:
+        threading.Event().wait(0.001)
+    gate.release()
+    t.join(WAIT)
+    u.join(WAIT)
+    assert order == ["1", "2"]
+
+
+def test_switching_counts_inside_a_call_never_deadlocks():
+    """Two threads each holding a count and switching to another one (as attention heads do)."""
+    if threads.blas_threads() is None:
+        pytest.skip("OpenBLAS not found among the loaded libraries")
+    errors = []
+
+    def worker(n):
+        try:
+            for _ in range(200):
+                with threads.calls(n):
+                    assert threads.blas_threads() == n
+                    with threads._blas(1):
+                        assert threads.blas_threads() == 1
+                    assert threads.blas_threads() == n
+        except BaseException as e:
+            errors.append(repr(e))
+
+    ts = [threading.Thread(target=worker, args=(n,)) for n in (2, 2, 3)]
+    [t.start() for t in ts]
+    [t.join(120) for t in ts]
+    assert not any(t.is_alive() for t in ts) and errors == []
+
+
+def test_the_command_line_says_when_threads_exceed_the_cores():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import DATA
+    root = Path(__file__).resolve().parent.parent
+    top = threads.available()
+    p = subprocess.run([sys.executable, "-m", "ufcpu.cli", "encode", "--threads", "1000", "-m", str(DATA / "tiny-ufb"),
+                        "x"], capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "PYTHONPATH": str(root)})
+    assert p.returncode == 0, p.stderr
+    warned = [line for line in p.stderr.splitlines() if "cores" in line]
+    assert warned == [f"ufcpu: threads=1000 is more than the {top} cores available: using {top}"], p.stderr
