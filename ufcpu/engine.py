@@ -6,7 +6,6 @@ forward pass in model.py, which runs a batch on its real tokens only.
 """
 from __future__ import annotations
 
-import itertools
 import logging
 from collections.abc import Iterable, Mapping, Set
 from pathlib import Path
@@ -19,6 +18,7 @@ from . import model as fwd
 from . import threads as _threads
 from .config import Config
 from .errors import CheckpointError, InputError, InputTypeError
+from .textio import windows
 from .tokenizer import Report, Summary, Tokenizer, pad
 from .weights import check_finite, load_weights, read_engine_config
 
@@ -287,13 +287,6 @@ def token_budget_batches(sorted_lengths: np.ndarray, budget: int) -> Iterator[sl
             end += 1
         yield slice(start, end)
         start = end
-
-
-def windows(items: Iterable, size: int) -> Iterator[list]:
-    """Consecutive lists of `size` items (the last may be shorter): the one windowing helper."""
-    it = iter(items)
-    while chunk := list(itertools.islice(it, size)):
-        yield chunk
 
 
 def _check_positive(name: str, v) -> None:
