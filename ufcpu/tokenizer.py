@@ -23,6 +23,7 @@ MASK_ALIASES = ("[MASK]",)   # what users of other BERTs type; mapped to the che
 # vocabulary) and the pair template, so a broken tokenizer.json fails at load, not mid-stream.
 _PROBES = ("Hello, world! 123", "\x00 \u2603 unknownwordxyzzy", ("a", "b"), "", ("", ""))
 CHARS_PER_TOKEN = 64         # first prefix tried per token of max_len before a long text is tokenized
+PREFIX_GROWTH = 8            # a prefix too short is grown this many times: the tries cost < 1/7 of the text
 log = logging.getLogger("ufcpu")
 
 # What the report's kinds say, one warning each: {n} items, {first} the first (from 0).
@@ -152,14 +153,15 @@ class Tokenizer:
 
     def _cut(self, text: str) -> str:
         """A prefix of `text` whose truncation gives exactly the ids of the whole text, so a huge
-        text is never tokenized whole: the prefix (CHARS_PER_TOKEN chars per token, doubled until
-        it suffices) must hold max_len tokens, all from words that end before the cut."""
+        text is never tokenized whole: the prefix (CHARS_PER_TOKEN chars per token, grown
+        PREFIX_GROWTH times until it suffices) must hold max_len tokens, all from words that end
+        before the cut. A text with fewer tokens than that is tokenized whole."""
         n = self.max_len * CHARS_PER_TOKEN
         while n < len(text):
             words = self._untruncated.encode(text[:n], add_special_tokens=False).word_ids   # [tokens]
             if len(words) > self.max_len and words[self.max_len - 1] < words[-1]:
                 return text[:n]
-            n *= 2
+            n *= PREFIX_GROWTH
         return text
 
     def encode_ids(self, items: Sequence) -> tuple[list[np.ndarray], "Report"]:
