@@ -168,7 +168,9 @@ def _check_resumable(output: Path, old: dict | None, new: dict) -> None:
     if old is None:
         raise InputError(f"{output}: no record of what wrote it ({record_path(output).name} is missing), so "
                          f"--resume cannot check the model and options; remove the output or drop --resume")
-    diff = [f"{k} {old.get(k)!r}, now {new.get(k)!r}" for k in _COMPARED if old.get(k) != new.get(k)]
+    def show(rec: dict, k: str) -> str:
+        return f"{rec.get(k)!r} ({rec.get('model_source')})" if k == "model" else repr(rec.get(k))
+    diff = [f"{k} {show(old, k)}, now {show(new, k)}" for k in _COMPARED if old.get(k) != new.get(k)]
     if diff:
         raise InputError(f"{output}: was written with another {'; '.join(diff)}; cannot resume "
                          f"(remove the output or drop --resume)")

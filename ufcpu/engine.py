@@ -170,9 +170,10 @@ class Model:
             return ([] if ragged else np.zeros((0, self.config.hidden), f32)), report
         out: list = [None] * len(items)
         for idx, h, mask in self._hidden_batches(items, batch_size, report):
-            rows = pool(h, mask)
-            for j, i in enumerate(idx):
-                out[i] = heads.l2_normalize(rows[j]) if normalize else rows[j]
+            with np.errstate(over="ignore", invalid="ignore"):   # overflow is reported below, per item
+                rows = pool(h, mask)
+                for j, i in enumerate(idx):
+                    out[i] = heads.l2_normalize(rows[j]) if normalize else rows[j]
         report.nonfinite = [i for i, row in enumerate(out) if not np.isfinite(row).all()]
         if ragged:
             return out, report

@@ -145,7 +145,7 @@ class Tokenizer:
             for part in ((it,) if isinstance(it, str) else it):
                 if not part.isascii():
                     _check_unicode(part, i)
-        cut = [self._cut(it) if isinstance(it, str) else tuple(self._cut(p) for p in it) for it in items]
+        cut = [self._cut(it) if isinstance(it, str) else self._cut_pair(*it) for it in items]
         try:
             return self._tok.encode_batch(cut)
         except Exception as e:   # tokenizers raises plain Exceptions (e.g. a pair too long to truncate)
@@ -156,13 +156,28 @@ class Tokenizer:
         text is never tokenized whole: the prefix (CHARS_PER_TOKEN chars per token, grown
         PREFIX_GROWTH times until it suffices) must hold max_len tokens, all from words that end
         before the cut. A text with fewer tokens than that is tokenized whole."""
+        return self._prefix(text, self.max_len)
+
+    def _prefix(self, text: str, need: int) -> str:
+        """The shortest prefix tried whose first `need` tokens come from words before the cut."""
         n = self.max_len * CHARS_PER_TOKEN
         while n < len(text):
             words = self._untruncated.encode(text[:n], add_special_tokens=False).word_ids   # [tokens]
-            if len(words) > self.max_len and words[self.max_len - 1] < words[-1]:
+            if len(words) > need and words[need - 1] < words[-1]:
                 return text[:n]
             n *= PREFIX_GROWTH
         return text
+
+    def _cut_pair(self, a: str, b: str) -> tuple[str, str]:
+        """A pair is truncated longest-first, which depends on which part is longer: only a long
+        part next to a short one is cut, and kept longer than the short one (two long parts are
+        tokenized whole)."""
+        long = self.max_len * CHARS_PER_TOKEN
+        if (len(a) > long) == (len(b) > long):
+            return a, b
+        short = b if len(a) > long else a
+        need = max(self.max_len, len(self._untruncated.encode(short, add_special_tokens=False).ids) + 1)
+        return (self._prefix(a, need), b) if len(a) > long else (a, self._prefix(b, need))
 
     def encode_ids(self, items: Sequence) -> tuple[list[np.ndarray], "Report"]:
         """-> one int64 id array per item (unpadded), and a Report of the items that were
