@@ -4,6 +4,7 @@ code, the one line on stderr, and that no data was lost or mixed."""
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
 import os
 import random
@@ -380,12 +381,17 @@ def test_numpy_flags_and_string_arrays_are_accepted(model):
 
 # --- long texts are cut before they are tokenized -------------------------------------------------
 
+@functools.lru_cache(maxsize=None)
+def _whole_text_tokenizer(path: str, max_len: int):
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(path)
+    tok.enable_truncation(max_len)
+    return tok
+
+
 def _reference_ids(model, text):
     """The ids of the whole text tokenized, then truncated (what the tokenizer did before the cut)."""
-    from tokenizers import Tokenizer
-    tok = Tokenizer.from_file(str(model.path / "tokenizer.json"))
-    tok.enable_truncation(model.config.max_seq)
-    return tok.encode(text).ids
+    return _whole_text_tokenizer(str(model.path / "tokenizer.json"), model.config.max_seq).encode(text).ids
 
 
 def _texts_around_the_cut(seed: int):
@@ -420,9 +426,7 @@ def test_cut_texts_give_the_ids_of_the_whole_text(model):
 
 def test_cut_pairs_give_the_ids_of_the_whole_pair():
     m = load_fixture("tiny-ufb-cls")
-    from tokenizers import Tokenizer
-    tok = Tokenizer.from_file(str(m.path / "tokenizer.json"))
-    tok.enable_truncation(m.config.max_seq)
+    tok = _whole_text_tokenizer(str(m.path / "tokenizer.json"), m.config.max_seq)
     texts = list(_texts_around_the_cut(1))[:40]
     for a, b in zip(texts, ["short b", "", texts[5]] * 14):
         for pair in ((a, b), (b, a)):
@@ -445,3 +449,44 @@ def test_twenty_megabyte_line_is_cut_before_tokenizing():
     base, peak = map(int, p.stdout.split())
     assert peak - base < 64 * 1024, (base, peak)
     assert "1 text(s) longer than 128 tokens were truncated" in p.stderr
+
+
+# --- a new user: offline, and info without a model -------------------------------------------------
+
+def _no_hub_env(tmp_path, offline: str) -> dict:
+    return {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_CACHE": str(tmp_path / "hf" / "hub"),
+            "HF_HUB_OFFLINE": offline, "HF_ENDPOINT": "http://127.0.0.1:9"}     # nothing listens there
+
+
+@pytest.mark.parametrize("offline", ["1", "0"])
+def test_default_model_unreachable_says_what_to_do(tmp_path, offline):
+    p = subprocess.run([sys.executable, "-m", "ufcpu.cli", "encode", "x"], capture_output=True, text=True,
+                       env=_no_hub_env(tmp_path, offline), timeout=300)
+    assert_one_line_error_text(p, "pbelcak/UltraFastBERT-1x11-long", "local folder",
+                               "python -m weights_convert.random_checkpoint DIR")
+    assert "HF_HUB_OFFLINE=0" not in p.stderr and "Set HF_HUB_OFFLINE=1" not in p.stderr
+    if offline == "1":
+        assert "unset HF_HUB_OFFLINE" in p.stderr
+
+
+def test_info_without_a_model(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "ufcpu.cli", "info"], capture_output=True, text=True,
+                       env=_no_hub_env(tmp_path, "1"), timeout=300)
+    assert p.returncode == 0, p.stderr
+    info = json.loads(p.stdout)
+    assert "config" not in info and "none loaded" in info["model"]
+    assert info["versions"]["numpy"] == np.__version__ and info["threads"]["cores"] >= 1
+    assert isinstance(info["cpu"]["features"], list) and info["cache_dir"]
+    p = subprocess.run([sys.executable, "-m", "ufcpu.cli", "info", "-m", str(tmp_path / "missing")],
+                       capture_output=True, text=True, timeout=300)
+    assert_one_line_error_text(p, "missing")
+    info = json.loads(p.stdout)
+    assert "cannot be loaded" in info["model"] and info["versions"]["python"]
+
+
+def test_cpu_features_from_cpuinfo(tmp_path):
+    from ufcpu.cli import cpu_info
+    f = tmp_path / "cpuinfo"
+    f.write_text("processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: fpu sse4_2 avx2 avx512f amx_int8 other\n")
+    assert cpu_info(str(f)) == {"model": "Some CPU", "features": ["sse4_2", "avx2", "avx512f", "amx_int8"]}
+    assert cpu_info(str(tmp_path / "none")) == {"model": None, "features": []}
