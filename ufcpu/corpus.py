@@ -258,8 +258,10 @@ def encode_corpus(model, input: str | Path, output: str | Path, field: str | Non
     with _locked_record(output) as fd:
         if resume and _has_rows(output):
             _check_resumable(output, _read_record(fd, record_path(output)), rec)
+        elif output.is_file():
+            output.unlink()      # never old rows under a new record, whenever the run is killed
+        _write_record(fd, rec)   # before the output exists: no output without its record
         writer = textio.WRITERS[output_format(output)](output, model.config.hidden, resume)
-        _write_record(fd, rec)
         return _resume_loop(model, iter(texts), writer, input, output, counter, pooling, normalize,
                             batch_size, progress, window)
 
