@@ -19,7 +19,7 @@ import pytest
 
 from conftest import DATA, load_fixture
 
-from ufcpu import corpus
+from ufcpu import corpus, textio
 from ufcpu.errors import InputError
 
 MODEL = str(DATA / "tiny-ufb")
@@ -191,6 +191,7 @@ def test_resume_npy_after_kill_equals_uninterrupted(tmp_path):
     # it fell in is encoded again whole, and only its missing rows are appended.
     cut = tmp_path / "cut.npy"
     cut.write_bytes(killed.read_bytes()[:128 + (rows - 300) * 4 * H + 77])
+    corpus.record_path(cut).write_bytes(corpus.record_path(killed).read_bytes())   # what made it
 
     for partial in (killed, cut):
         run = cli("encode", "-m", MODEL, *ONE_THREAD, "--input", str(src), "-o", str(partial), "--resume")
@@ -206,6 +207,7 @@ def test_resume_jsonl_cut_mid_line_equals_uninterrupted(tmp_path):
     assert len(lines) == 3001 and lines[-1] == b""
     part = tmp_path / "part.jsonl"
     part.write_bytes(b"\n".join(lines[:1500]) + b"\n" + lines[1500][:50])
+    corpus.record_path(part).write_bytes(corpus.record_path(full).read_bytes())   # what made it
     cli("encode", "-m", MODEL, *ONE_THREAD, "--input", str(src), "--field", "body", "-o", str(part), "--resume")
     assert part.read_bytes() == full.read_bytes()
 
@@ -215,18 +217,18 @@ def test_resume_parquet_after_kill_equals_uninterrupted(tmp_path):
     src = write_txt(tmp_path / "in.txt", corpus_lines(4500))
     full = tmp_path / "full.parquet"
     cli("encode", "-m", MODEL, *ONE_THREAD, "--input", str(src), "-o", str(full))
-    assert not corpus.parts_dir(full).exists()
+    assert not textio.parts_dir(full).exists()
     ref = pq.read_table(full)
     assert ref.column_names == ["text", "embedding"] and ref.num_rows == 4500
 
     out = tmp_path / "out.parquet"
     p = _start("encode", "-m", MODEL, *ONE_THREAD, "--input", str(src), "-o", str(out))
-    _kill_when(p, lambda: (corpus.parts_dir(out) / "part-000000.parquet").exists())
+    _kill_when(p, lambda: (textio.parts_dir(out) / "part-000000.parquet").exists())
     assert not out.exists()
     run = cli("encode", "-m", MODEL, *ONE_THREAD, "--input", str(src), "-o", str(out), "--resume")
     assert "already has 4096 rows" in run.err
     assert pq.read_table(out).equals(ref)
-    assert not corpus.parts_dir(out).exists()
+    assert not textio.parts_dir(out).exists()
 
     # Resuming a finished output appends nothing and leaves the same table.
     cli("encode", "-m", MODEL, *ONE_THREAD, "--input", str(src), "-o", str(out), "--resume")
@@ -314,20 +316,20 @@ def test_parquet_without_pyarrow_says_how_to_install(tmp_path):
 def test_txt_reader_lines(tmp_path):
     p = tmp_path / "t.txt"
     p.write_bytes(b"\xef\xbb\xbffirst\r\n\nthird \xff bytes\nlast")
-    assert list(corpus.read_txt(p, None)) == ["first", "", "third \ufffd bytes", "last"]
-    assert corpus.count_txt(p) == 4
+    assert list(textio.read_txt(p, None)) == ["first", "", "third \ufffd bytes", "last"]
+    assert textio.count_txt(p) == 4
     p.write_bytes(b"a\nb\n")
-    assert list(corpus.read_txt(p, None)) == ["a", "b"] and corpus.count_txt(p) == 2
+    assert list(textio.read_txt(p, None)) == ["a", "b"] and textio.count_txt(p) == 2
 
 
 def test_jsonl_reader_skips_blank_lines_and_names_the_line(tmp_path):
     p = tmp_path / "t.jsonl"
     p.write_text('{"text": "a", "x": 1}\n\n  \n{"text": "b"}\n{"text": null}\n')
-    it = corpus.read_jsonl(p, None)
+    it = textio.read_jsonl(p, None)
     assert [next(it), next(it)] == ["a", "b"]
     with pytest.raises(InputError, match=r"line 5: field 'text' is null, not a string"):
         next(it)
-    assert corpus.count_jsonl(p) == 3
+    assert textio.count_jsonl(p) == 3
 
 
 def test_parquet_reader_batches_and_dictionary_columns(tmp_path):
@@ -335,8 +337,8 @@ def test_parquet_reader_batches_and_dictionary_columns(tmp_path):
     pq = pytest.importorskip("pyarrow.parquet")
     texts = [f"text {i}" for i in range(2500)]
     pq.write_table(pa.table({"t": pa.array(texts).dictionary_encode()}), tmp_path / "d.parquet", row_group_size=1000)
-    assert list(corpus.read_parquet(tmp_path / "d.parquet", "t")) == texts
-    assert corpus.count_parquet(tmp_path / "d.parquet") == 2500
+    assert list(textio.read_parquet(tmp_path / "d.parquet", "t")) == texts
+    assert textio.count_parquet(tmp_path / "d.parquet") == 2500
 
 
 @pytest.mark.parametrize("out_suffix", [".npy", ".jsonl", ".parquet"])
@@ -356,7 +358,7 @@ def test_every_format_matches_encode(tmp_path, in_suffix, out_suffix, monkeypatc
         import pyarrow.parquet as pq
         pq.write_table(pa.table({"text": texts}), src, row_group_size=10)
     dst = tmp_path / f"out{out_suffix}"
-    monkeypatch.setattr(corpus, "PARQUET_PART_ROWS", 3)     # several parts per window, merged at the end
+    monkeypatch.setattr(textio, "PARQUET_PART_ROWS", 3)     # several parts per window, merged at the end
     n = corpus.encode_corpus(model, src, dst, normalize=True, batch_size=3, window=7)
     assert n == len(texts)
     ref = model.encode(texts, normalize=True)
@@ -370,7 +372,7 @@ def test_every_format_matches_encode(tmp_path, in_suffix, out_suffix, monkeypatc
         table = pq.read_table(dst)
         got = np.stack(table.column("embedding").to_numpy(zero_copy_only=False)).astype(np.float32)
         stored = table.column("text").to_pylist()
-        assert not corpus.parts_dir(dst).exists()
+        assert not textio.parts_dir(dst).exists()
     assert stored == texts
     np.testing.assert_allclose(got, ref, atol=1e-5)
 

@@ -6,16 +6,18 @@ Results go to stdout (or -o); logs, warnings and progress go to stderr.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import logging
 import os
+import signal
 import sys
+import threading
+from pathlib import Path
 from typing import Iterable, Iterator
 
-import numpy as np
-
+from . import heads, textio
 from .errors import UfcpuError
+from .textio import windows
 
 EXIT_USAGE = 2
 log = logging.getLogger("ufcpu")
@@ -54,12 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("encode", help="sentence embeddings, from arguments, stdin (one text per line) or --input FILE")
     _model_args(e)
     e.add_argument("texts", nargs="*", metavar="TEXT", help="texts to encode (default: one per line on stdin)")
-    e.add_argument("--pooling", choices=("mean", "first", "none"), default="mean")
+    e.add_argument("--pooling", choices=heads.ENCODE_POOLING, default="mean")
     e.add_argument("--normalize", action="store_true", help="L2-normalize each embedding")
-    e.add_argument("--format", choices=("json", "jsonl", "npy"), default=None,
-                   help="output format (default json; with --input the output's suffix sets it)")
+    e.add_argument("--format", choices=("json", "jsonl", "npy", "parquet"), default=None,
+                   help="output format (default: set by -o's suffix, else json)")
     e.add_argument("-o", "--output", default=None,
-                   help="output file (required for npy and with --input: .npy, .jsonl or .parquet; default stdout)")
+                   help="output file: .json, .jsonl, .npy or .parquet (npy and parquet need one; with --input: "
+                        ".npy, .jsonl or .parquet); default stdout")
     e.add_argument("--batch-size", type=positive_int, default=32)
     e.add_argument("--input", "-i", default=None, metavar="FILE",
                    help="encode a corpus file: .txt (one text per line), .jsonl or .parquet; streamed, bounded memory")
@@ -105,35 +108,19 @@ def _version() -> str:
 
 # --- input ----------------------------------------------------------------------------------------
 
-def stdin_lines() -> Iterator[str]:
-    """stdin, one text per line, streamed; undecodable bytes are replaced (with one warning)."""
-    warned = False
-    for raw in sys.stdin.buffer:
-        line = raw.rstrip(b"\r\n")
-        try:
-            text = line.decode("utf-8")
-        except UnicodeDecodeError:
-            text = line.decode("utf-8", errors="replace")
-            if not warned:
-                log.warning("stdin is not valid UTF-8: undecodable bytes were replaced by U+FFFD")
-                warned = True
-        yield text
+def _stdin_is_empty_tty() -> bool:
+    return sys.stdin is None or sys.stdin.isatty()
+
+
+def _stdin_texts() -> Iterable[str]:
+    """stdin read whole, one text per line (classify needs every item before it starts)."""
+    if _stdin_is_empty_tty():
+        raise UfcpuError("no TEXT given and nothing on stdin")
+    return textio.utf8_lines(sys.stdin.buffer, lambda n: "stdin")
 
 
 def _texts(args) -> Iterable[str]:
-    if args.texts:
-        return args.texts
-    if sys.stdin is None or sys.stdin.isatty():
-        raise UfcpuError("no TEXT given and nothing on stdin")
-    return stdin_lines()
-
-
-def _progress(it: Iterable, unit: str):
-    """A progress bar on stderr, only when stderr is a terminal."""
-    if not sys.stderr.isatty():
-        return it
-    from tqdm import tqdm
-    return tqdm(it, unit=unit, file=sys.stderr)
+    return args.texts if args.texts else _stdin_texts()
 
 
 # --- commands -------------------------------------------------------------------------------------
@@ -143,13 +130,19 @@ def _load(args, **kw):
     return load(args.model, revision=args.revision, threads=args.threads, check=args.check, **kw)
 
 
-def _as_json(a: np.ndarray) -> list:
-    return a.tolist()
+def _stream_format(args) -> str:
+    """Arguments and stdin: -o's suffix sets the format (.json, .jsonl, .npy, .parquet), as with
+    --input; --format must agree with it; neither: json."""
+    named = textio.suffix_format(args.output) if args.output else None
+    if args.format and named and args.format != named:
+        raise UfcpuError(f"--format {args.format} disagrees with -o {args.output} (a .{named} file): "
+                         f"the output's suffix sets the format")
+    return args.format or named or "json"
 
 
 def cmd_encode(args) -> int:
+    from . import corpus
     if args.input is not None:
-        from . import corpus
         if args.texts:
             raise UfcpuError("give texts either as arguments or with --input FILE, not both")
         if not args.output:
@@ -165,41 +158,22 @@ def cmd_encode(args) -> int:
         return 0
     if args.field is not None or args.resume:
         raise UfcpuError("--field and --resume apply only with --input FILE")
-    args.format = args.format or "json"
-    if args.format == "npy" and not args.output:
-        raise UfcpuError("--format npy needs -o FILE")
-    if args.format == "npy" and args.pooling == "none":
-        raise UfcpuError("--format npy needs one vector per text: use --pooling mean or first")
+    fmt = _stream_format(args)
+    writer_cls = textio.WRITERS[fmt]
+    if writer_cls.needs_file and not args.output:
+        raise UfcpuError(f"--format {fmt} needs -o FILE")
+    if args.pooling in heads.RAGGED_POOLING and writer_cls.one_vector_per_text:
+        raise UfcpuError(f"--format {fmt} needs one vector per text: use --pooling mean or first")
+    if not args.texts and _stdin_is_empty_tty():
+        raise UfcpuError("no TEXT given and nothing on stdin")
     model = _load(args)
-    texts = _texts(args)
-    out = open(args.output, "w", encoding="utf-8") if args.output and args.format != "npy" else sys.stdout
-    try:
-        if args.format == "npy":
-            from .npy_stream import NpyRowWriter
-            with NpyRowWriter(args.output, model.config.hidden) as w:
-                for vec in _progress(model.encode_iter(texts, args.pooling, args.normalize, args.batch_size, args.window), "text"):
-                    w.write(vec)
-            log.info("wrote %d x %d float32 to %s", w.rows, model.config.hidden, args.output)
-            return 0
-        t1, t2 = itertools.tee(texts)
-        vecs = _progress(model.encode_iter(t1, args.pooling, args.normalize, args.batch_size, args.window), "text")
-        if args.format == "jsonl":
-            for text, vec in zip(t2, vecs):
-                out.write(json.dumps({"text": text, "embedding": _as_json(vec)}) + "\n")
-        else:
-            _write_json_list(out, (_as_json(v) for v in vecs))
-    finally:
-        if out is not sys.stdout:
-            out.close()
+    chunks = windows(args.texts or textio.stdin_texts(), args.window)
+    writer = writer_cls(Path(args.output) if args.output else None, model.config.hidden, False)
+    n = corpus.encode_stream(model, chunks, writer, args.pooling, args.normalize, args.batch_size,
+                             progress=sys.stderr.isatty(), where=None if args.texts else "stdin")
+    if args.output:
+        log.info("wrote %d rows (%s, width %d) to %s", n, fmt, model.config.hidden, args.output)
     return 0
-
-
-def _write_json_list(out, items: Iterable) -> None:
-    """One JSON list, written item by item so a long stream never sits in memory whole."""
-    out.write("[")
-    for n, item in enumerate(items):
-        out.write(("," if n else "") + json.dumps(item))
-    out.write("]\n")
 
 
 def cmd_fill_mask(args) -> int:
@@ -209,10 +183,10 @@ def cmd_fill_mask(args) -> int:
 
 
 def _pairs(texts: Iterable[str]) -> Iterator[tuple[str, str]]:
-    for n, t in enumerate(texts, 1):
+    for n, t in enumerate(texts):
         parts = t.split("\t")
         if len(parts) != 2:
-            raise UfcpuError(f"--pair: text {n} has {len(parts) - 1} tabs; expected 'A<TAB>B'")
+            raise UfcpuError(f"--pair: text {n} (counting from 0) has {len(parts) - 1} tabs; expected 'A<TAB>B'")
         yield parts[0], parts[1]
 
 
@@ -264,22 +238,80 @@ def cmd_cache(args) -> int:
     return 0
 
 
+CPU_FEATURES = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
+                "avx512_bf16", "avx512_fp16", "avx_vnni", "amx_tile", "amx_int8", "amx_bf16")
+_PACKAGES = ("numpy", "numba", "tokenizers", "safetensors", "huggingface_hub")
+
+
+def cpu_info(path: str = "/proc/cpuinfo") -> dict:
+    """The CPU's model name and which of CPU_FEATURES its flags list (empty where /proc is not)."""
+    name, flags = None, set()
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "model name" and name is None:
+                    name = value.strip()
+                elif key == "flags" and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    return {"model": name, "features": [f for f in CPU_FEATURES if f in flags]}
+
+
+def _package_versions() -> dict:
+    from importlib import metadata
+    out = {"python": sys.version.split()[0]}
+    for name in _PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def _default_model_cached() -> bool:
+    """Whether the default checkpoint is in huggingface_hub's cache (info never downloads it)."""
+    from .hub import DEFAULT_MODEL
+    try:
+        from huggingface_hub import try_to_load_from_cache
+        return isinstance(try_to_load_from_cache(DEFAULT_MODEL, "config.json"), str)
+    except Exception:   # an old huggingface_hub, or an unreadable cache: treat as not cached
+        return False
+
+
 def cmd_info(args) -> int:
+    """The environment always; the model's part when one loads (--model, or the default if cached)."""
     from . import hub, settings, threads
-    model = _load(args)
-    with threads.calls(model.threads):           # what every call of the model runs with
-        blas = threads.blas_threads()
     info = {
-        "source": str(model.source),
-        "engine_folder": str(model.path),
+        "version": _version(),
+        "versions": _package_versions(),
         "cache_dir": str(hub.cache_dir()),
         "numba_cache_dir": settings.kernel_cache_dir() or "(none usable: kernels compile in every process)",
-        "config": model.config.to_json(),
-        "threads": {"kernels": model.threads, "blas": blas, "cores": threads.cpu_count(),
+        "threads": {"kernels": args.threads or threads.cpu_count(), "blas": threads.blas_threads(),
+                    "cores": threads.cpu_count(),
                     "blas_idle_workers": "sleep" if settings.blas_workers_sleep() else "spin (NumPy was imported first)"},
-        "version": _version(),
+        "cpu": cpu_info(),
     }
+    error = None
+    if args.model is None and not _default_model_cached():
+        info["model"] = f"none loaded (pass --model; {hub.DEFAULT_MODEL} is not in the local cache)"
+    else:
+        try:
+            model = _load(args)
+        except (UfcpuError, ValueError, OSError) as e:
+            error = e
+            info["model"] = f"cannot be loaded: {_one_line(e)}"
+        else:
+            info.update({"source": str(model.source), "engine_folder": str(model.path),
+                         "config": model.config.to_json()})
+            info["threads"]["kernels"] = model.threads
+            with threads.calls(model.threads):   # what every call of the model runs with
+                info["threads"]["blas"] = threads.blas_threads()
     print(json.dumps(info, indent=2))
+    if error is not None:
+        raise error
     return 0
 
 
@@ -300,26 +332,45 @@ COMMANDS = {"encode": cmd_encode, "fill-mask": cmd_fill_mask, "classify": cmd_cl
             "convert": cmd_convert, "cache": cmd_cache, "info": cmd_info, "warmup": cmd_warmup}
 
 
+class _Signalled(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised in the main thread like Ctrl-C, so every writer closes cleanly."""
+
+
+def _on_signal(signum, frame):
+    raise _Signalled(signum)
+
+
+def _one_line(e: BaseException) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+def _quiet_stdout() -> None:
+    """The reader of stdout went away (`| head`): later writes and the flush at exit go nowhere."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="ufcpu: %(message)s", stream=sys.stderr)
     from . import settings
     if settings.malloc_tuning_wanted():
         settings.tune_malloc()     # freed activations reused across layers: it pays (bench/README.md, "Memory")
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, _on_signal)
     try:
         return COMMANDS[args.command](args)
+    except BrokenPipeError:      # before OSError: not an error, as for other command-line tools
+        _quiet_stdout()
+        return 0
     except (UfcpuError, ValueError, OSError) as e:
         # ValueError/OSError here are bad input or files (e.g. an unwritable -o): one line, no traceback.
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"ufcpu: error: {msg}", file=sys.stderr)
+        print(f"ufcpu: error: {_one_line(e)}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("ufcpu: interrupted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:
-        # the reader of our stdout went away (e.g. `| head`): not an error worth a traceback
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
+    except KeyboardInterrupt as e:
+        signum = e.args[0] if isinstance(e, _Signalled) else signal.SIGINT
+        print(f"ufcpu: interrupted ({signal.Signals(signum).name})", file=sys.stderr)
+        return 128 + signum
 
 
 if __name__ == "__main__":

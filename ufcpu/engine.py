@@ -7,8 +7,9 @@ forward pass in model.py, which runs a batch on its real tokens only.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Mapping, Set
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -16,8 +17,9 @@ from . import heads, hub
 from . import model as fwd
 from . import threads as _threads
 from .config import Config
-from .errors import InputError
-from .tokenizer import pad
+from .errors import InputError, InputTypeError
+from .textio import windows
+from .tokenizer import Report, Summary, pad
 from .weights import Checked, open_engine
 
 log = logging.getLogger("ufcpu")
@@ -68,9 +70,7 @@ class Model:
         return {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
 
     def _warn_truncated(self, idx: list[int]) -> None:
-        if idx:
-            log.warning("%d text(s) longer than %d tokens were truncated (first: #%d)",
-                        len(idx), self.config.max_seq, idx[0])
+        Report(truncated=list(idx)).warn(self.config.max_seq)
 
     def _check_ids(self, input_ids, attention_mask) -> tuple[np.ndarray, np.ndarray]:
         ids = np.asarray(input_ids)
@@ -120,24 +120,25 @@ class Model:
 
     # --- batching ----------------------------------------------------------------------------------
 
-    def _batches(self, items: list, batch_size: int) -> Iterator[tuple[np.ndarray, dict]]:
-        """Tokenize, sort by length, and yield (indices, padded batch) with little padding.
+    def _batches(self, items: list, batch_size: int, report: Report) -> Iterator[tuple[np.ndarray, dict]]:
+        """Tokenize, sort by length, and yield (indices, padded batch) with little padding;
+        `report` gets the items that were truncated or empty.
 
         A batch holds at most batch_size * max_seq padded tokens, so short texts travel in
         larger batches (bigger, more efficient GEMMs) while memory stays what batch_size
         full-length texts would take."""
-        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-            raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
-        ids, truncated = self.tokenizer.encode_ids(items)
-        self._warn_truncated(truncated)
+        _check_positive("batch_size", batch_size)
+        ids, tok_report = self.tokenizer.encode_ids(items)
+        report.truncated, report.empty = tok_report.truncated, tok_report.empty
         lengths = np.array([len(x) for x in ids])
         order = np.argsort(lengths, kind="stable")
         for idx in token_budget_batches(lengths[order], batch_size * self.config.max_seq):
             idx = order[idx]
             yield idx, pad([ids[i] for i in idx], self.tokenizer.pad_id)
 
-    def _hidden_batches(self, items: list, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        for idx, b in self._batches(items, batch_size):
+    def _hidden_batches(self, items: list, batch_size: int,
+                        report: Report) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        for idx, b in self._batches(items, batch_size, report):
             yield idx, self._forward(b.input_ids, b.attention_mask), b.attention_mask
 
     # --- sentence embeddings -----------------------------------------------------------------------
@@ -146,38 +147,60 @@ class Model:
                batch_size: int = 32):
         """-> float32 [n, H] ([H] for one str); pooling "mean" (real tokens), "first", or "none"
         (a list of [n_i, H] arrays, each text's real tokens). A text's vectors do not depend on
-        what else is in the batch."""
+        what else is in the batch. Truncated, empty and NaN/inf items are warned about, once per call."""
         single = isinstance(texts, str)
-        items = _as_list(texts)
-        if pooling not in (*heads.SENTENCE_POOLING, "none"):
-            raise InputError(f"pooling must be one of mean, first, none; got {pooling!r}")
+        out, report = self.encode_report(_as_list(texts), pooling, normalize, batch_size)
+        report.warn(self.config.max_seq)
+        return out[0] if single else out
+
+    def encode_report(self, items: list, pooling: str = "mean", normalize: bool = False,
+                      batch_size: int = 32) -> tuple[np.ndarray | list, Report]:
+        """encode() on a list, without warnings: -> (float32 [n, H], or a list of [n_i, H] for
+        pooling "none"; the Report of which items were truncated, empty or not finite)."""
+        pool = heads.POOLING[heads.pooling_name(pooling)]
+        ragged = heads.pooling_name(pooling) in heads.RAGGED_POOLING
+        _check_flag("normalize", normalize)
+        report = Report()
         if not items:
-            return [] if pooling == "none" else np.zeros((0, self.config.hidden), f32)
+            _check_positive("batch_size", batch_size)
+            return ([] if ragged else np.zeros((0, self.config.hidden), f32)), report
         out: list = [None] * len(items)
-        for idx, h, mask in self._hidden_batches(items, batch_size):
-            if pooling == "none":
-                rows = [h[j, :int(mask[j].sum())].copy() for j in range(len(idx))]
-            else:
-                rows = heads.SENTENCE_POOLING[pooling](h, mask)
-            for j, i in enumerate(idx):
-                out[i] = heads.l2_normalize(rows[j]) if normalize else rows[j]
-        if pooling == "none":
-            return out[0] if single else out
-        arr = np.stack(out).astype(f32, copy=False)
-        return arr[0] if single else arr
+        for idx, h, mask in self._hidden_batches(items, batch_size, report):
+            with np.errstate(over="ignore", invalid="ignore"):   # overflow is reported below, per item
+                rows = pool(h, mask)
+                for j, i in enumerate(idx):
+                    out[i] = heads.l2_normalize(rows[j]) if normalize else rows[j]
+        report.nonfinite = [i for i, row in enumerate(out) if not np.isfinite(row).all()]
+        if ragged:
+            return out, report
+        return np.stack(out).astype(f32, copy=False), report
 
     def encode_iter(self, texts: Iterable[str], pooling: str = "mean", normalize: bool = False,
                     batch_size: int = 32, window: int = 1024) -> Iterator[np.ndarray]:
         """Stream embeddings for an iterable of any length, in input order, in bounded memory:
-        texts are read `window` at a time and sorted by length inside the window."""
-        chunk: list[str] = []
-        for t in texts:
-            chunk.append(t)
-            if len(chunk) >= window:
-                yield from self.encode(chunk, pooling, normalize, batch_size)
-                chunk = []
-        if chunk:
-            yield from self.encode(chunk, pooling, normalize, batch_size)
+        texts are read `window` at a time and sorted by length inside the window. Warnings name
+        items by their position in the whole stream."""
+        if isinstance(texts, (str, *_NOT_TEXTS)) or not isinstance(texts, Iterable):
+            raise InputTypeError(f"encode_iter takes an iterable of strings, got {type(texts).__name__}"
+                                 + (" (for one text use encode(text) or encode_iter([text]))" if isinstance(texts, str) else ""))
+        _check_positive("window", window)
+        heads.pooling_name(pooling)
+        _check_flag("normalize", normalize)
+        _check_positive("batch_size", batch_size)
+        return self._encode_windows(windows(texts, window), pooling, normalize, batch_size)
+
+    def _encode_windows(self, chunks: Iterable[list], pooling, normalize, batch_size) -> Iterator[np.ndarray]:
+        start = 0
+        for chunk in chunks:
+            try:
+                vecs, report = self.encode_report(chunk, pooling, normalize, batch_size)
+            except InputError as e:
+                raise e.at_offset(start) from None
+            summary = Summary()
+            summary.add(report, start)
+            summary.warn(self.config.max_seq)
+            start += len(chunk)
+            yield from vecs
 
     # --- fill-mask ---------------------------------------------------------------------------------
 
@@ -225,14 +248,18 @@ class Model:
         self._need("classification", "classify")
         single = isinstance(items, str) or (isinstance(items, tuple) and len(items) == 2
                                             and all(isinstance(p, str) for p in items))
-        lst = [items] if single else list(items)
+        lst = [items] if single else _as_list(items)
+        pool = heads.POOLING[heads.pooling_name(self.config.pooler, tuple(heads.POOLING))]
         if not lst:
+            _check_positive("batch_size", batch_size)
             return np.zeros((0, self.config.num_labels), f32)
         out = np.empty((len(lst), self.config.num_labels), f32)
-        for idx, h, mask in self._hidden_batches(lst, batch_size):
-            pooled = heads.pool_items(h, mask, self.config.pooler)
+        report = Report()
+        for idx, h, mask in self._hidden_batches(lst, batch_size, report):
             with _threads.calls(self.threads):
-                out[idx] = heads.classify_pooled(pooled, self.weights, self.config)
+                out[idx] = heads.classify_pooled(pool(h, mask), self.weights, self.config)
+        report.nonfinite = np.flatnonzero(~np.isfinite(out).all(axis=1)).tolist()
+        report.warn(self.config.max_seq)
         return out[0] if single else out
 
     def predict(self, items, batch_size: int = 32) -> list[dict]:
@@ -266,12 +293,25 @@ def token_budget_batches(sorted_lengths: np.ndarray, budget: int) -> Iterator[sl
         start = end
 
 
+def _check_positive(name: str, v) -> None:
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+        raise InputError(f"{name} must be a positive integer, got {v!r}")
+
+
+def _check_flag(name: str, v) -> None:
+    if not isinstance(v, (bool, np.bool_)):
+        raise InputTypeError(f"{name} must be True or False, got {v!r}")
+
+
+# Containers whose iteration is not a list of texts: bytes give ints, a dict its keys, a set no order.
+_NOT_TEXTS = (bytes, bytearray, memoryview, Mapping, Set)
+
+
 def _as_list(texts) -> list:
     if isinstance(texts, str):
         return [texts]
     if texts is None:
         raise InputError("no texts given")
-    try:
-        return list(texts)
-    except TypeError:
-        raise InputError(f"expected a string or a list of strings, got {type(texts).__name__}") from None
+    if isinstance(texts, _NOT_TEXTS) or not isinstance(texts, Iterable):
+        raise InputTypeError(f"expected a string or a list of strings, got {type(texts).__name__}")
+    return list(texts)

@@ -4,12 +4,15 @@ from __future__ import annotations
 import numpy as np
 
 from .config import Config
+from .errors import InputError
 from .weights import Weights
 
 f32 = np.float32
 
 
-# --- sentence embeddings (encode) ------------------------------------------------------------------
+# --- pooling: one table for encode, the command line, corpora, Ray and the classifier ---------------
+# Every pooler maps hidden states [B, S, H] and their mask [B, S] to one row per item, computed on
+# that item's real tokens only (so a text's result never depends on its batch's padding).
 
 def mean_pool(h: np.ndarray, mask: np.ndarray) -> np.ndarray:  # [B, S, H], [B, S] -> [B, H]
     """Mean over real tokens only."""
@@ -21,7 +24,39 @@ def first_pool(h: np.ndarray, mask: np.ndarray) -> np.ndarray:  # [B, S, H] -> [
     return h[:, 0].copy()
 
 
-SENTENCE_POOLING = {"mean": mean_pool, "first": first_pool}
+def token_rows(h: np.ndarray, mask: np.ndarray) -> list[np.ndarray]:  # [B, S, H] -> B x [n_i, H]
+    """No pooling: each item's real token vectors."""
+    return [h[i, :int(mask[i].sum())].copy() for i in range(h.shape[0])]
+
+
+def _lse(h: np.ndarray) -> np.ndarray:  # [n, H] -> [H]
+    m = h.max(axis=0)
+    return m + np.log(np.exp(h - m).sum(axis=0))
+
+
+def _per_item(fn):
+    """A pooler over one item's real tokens [n, H] -> [H], lifted to a batch."""
+    return lambda h, mask: np.stack([fn(x) for x in token_rows(h, mask)]).astype(f32)
+
+
+POOLING = {
+    "mean": mean_pool,
+    "first": first_pool,
+    "none": token_rows,
+    "max": _per_item(lambda x: x.max(axis=0)),
+    "lse": _per_item(_lse),
+}
+POOLING_ALIASES = {"avg": "mean", "zero_index": "first"}   # the classifier configs' names
+ENCODE_POOLING = ("mean", "first", "none")                  # what encode, the CLI and corpora offer
+RAGGED_POOLING = ("none",)                                  # a list of [n_i, H] per text, not one vector
+
+
+def pooling_name(name, offered: tuple[str, ...] = ENCODE_POOLING) -> str:
+    """A pooling name or alias -> its name in POOLING, or an InputError listing the offered ones."""
+    key = POOLING_ALIASES.get(name, name) if isinstance(name, str) else None
+    if key not in offered:
+        raise InputError(f"pooling must be one of {', '.join(offered)}; got {name!r}")
+    return key
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:  # [..., H] -> [..., H]
@@ -45,29 +80,11 @@ def softmax(x: np.ndarray) -> np.ndarray:  # [..., K] -> [..., K]
 # The reference pools over all S positions of a padded batch (so its results move with padding);
 # we pool one item's real positions, which is what the reference gives for that item alone.
 
-def _lse(h: np.ndarray) -> np.ndarray:  # [n, H] -> [H]
-    m = h.max(axis=0)
-    return m + np.log(np.exp(h - m).sum(axis=0))
-
-
-CLASS_POOLERS = {
-    "zero_index": lambda h: h[0],
-    "avg": lambda h: h.mean(axis=0),
-    "max": lambda h: h.max(axis=0),
-    "lse": _lse,
-}
-
-
 def classify_pooled(pooled: np.ndarray, w: Weights, cfg: Config) -> np.ndarray:  # [B, H] -> [B, C]
     """pooled -> tanh(dense(pooled)) (dense only if the head has one) -> logits."""
     if cfg.include_ff_layer:
         pooled = pooled @ w.pooler_w.T + w.pooler_b
     return np.tanh(pooled) @ w.head_w.T + w.head_b
-
-
-def pool_items(h: np.ndarray, mask: np.ndarray, pooler: str) -> np.ndarray:  # [B, S, H], [B, S] -> [B, H]
-    fn = CLASS_POOLERS[pooler]
-    return np.stack([fn(h[i, :int(mask[i].sum())]) for i in range(h.shape[0])]).astype(f32)
 
 
 def probabilities(logits: np.ndarray) -> np.ndarray:  # [B, C] -> [B, C]

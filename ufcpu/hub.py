@@ -136,12 +136,22 @@ def download(repo_id: str, revision: str | None = None) -> Path:
     try:
         path = snapshot_download(repo_id, revision=revision, allow_patterns=patterns)
     except Exception as e:
-        kind = type(e).__name__
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else kind
-        raise CheckpointError(
-            f"cannot get '{repo_id}' from the Hugging Face Hub ({kind}: {msg}). "
-            f"Offline? Set HF_HUB_OFFLINE=1 to use the local cache, or pass a local folder.") from None
+        raise CheckpointError(_download_error(repo_id, e)) from None
     return Path(path)
+
+
+def _download_error(repo_id: str, e: Exception) -> str:
+    """One line: why the Hub gave nothing, and the ways to run without it."""
+    without = ("pass a local folder instead (--model DIR / ufcpu.load(DIR): a Hub-layout checkpoint or one "
+               "written by `ufcpu convert`), or make a random checkpoint of the same shape to try ufcpu with "
+               "`python -m weights_convert.random_checkpoint DIR`")
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return (f"cannot get '{repo_id}': HF_HUB_OFFLINE is set and it is not in the local Hugging Face cache; "
+                f"unset HF_HUB_OFFLINE to download it, or {without}")
+    kind = type(e).__name__
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else kind
+    detail = kind if "HF_HUB_OFFLINE" in msg else f"{kind}: {msg}"   # its own advice would contradict ours
+    return f"cannot get '{repo_id}' from the Hugging Face Hub ({detail}); offline? {without}"
 
 
 def looks_like_repo_id(name: str) -> bool:

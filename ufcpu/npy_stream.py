@@ -42,6 +42,7 @@ class NpyRowWriter:
         else:
             self._f = open(self.path, "wb")
             self._f.write(_header(0, width))
+            self._f.flush()       # on disk before any row: a run killed at any point leaves a valid .npy
 
     def write(self, rows: np.ndarray) -> None:  # [k, width] float32
         rows = np.ascontiguousarray(rows, dtype="<f4").reshape(-1, self.width)

@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 from tokenizers import Tokenizer as _HFTokenizer
 
-from .errors import CheckpointError, InputError
+from .errors import CheckpointError, InputError, InputTypeError
 
 SPECIALS = ("<unk>", "<cls>", "<s>", "</s>", "<mask>", "<sep>", "<pad>")
 REQUIRED_SPECIALS = ("<pad>", "<sep>", "<mask>")
@@ -22,7 +22,52 @@ MASK_ALIASES = ("[MASK]",)   # what users of other BERTs type; mapped to the che
 # Encoded once at load: exercises the normalizer, the unknown-token path (NUL is in no
 # vocabulary) and the pair template, so a broken tokenizer.json fails at load, not mid-stream.
 _PROBES = ("Hello, world! 123", "\x00 \u2603 unknownwordxyzzy", ("a", "b"), "", ("", ""))
+CHARS_PER_TOKEN = 64         # first prefix tried per token of max_len before a long text is tokenized
+PREFIX_GROWTH = 8            # a prefix too short is grown this many times: the tries cost < 1/7 of the text
 log = logging.getLogger("ufcpu")
+
+# What the report's kinds say, one warning each: {n} items, {first} the first (from 0).
+REPORT_WARNINGS = {
+    "truncated": "{n} text(s) longer than {max_len} tokens were truncated (first: #{first})",
+    "empty": ("{n} text(s) have no tokens after normalization (empty, whitespace only or only "
+              "non-ASCII characters; first: #{first}): encoded as the end-of-sequence token alone"),
+    "nonfinite": ("{n} text(s) gave NaN or infinite values: the model's outputs overflow (first: #{first}); "
+                  "JSON cannot hold them (written as NaN/Infinity)"),
+}
+
+
+@dataclasses.dataclass
+class Report:
+    """Which items of one encoding (indices from 0) were cut to max_len tokens, had no token left
+    after normalization, or gave NaN/inf vectors: data, not log lines, so that a caller feeding a
+    stream in windows adds them up (Summary) instead of parsing warnings."""
+    truncated: list[int] = dataclasses.field(default_factory=list)
+    empty: list[int] = dataclasses.field(default_factory=list)
+    nonfinite: list[int] = dataclasses.field(default_factory=list)
+
+    def warn(self, max_len: int) -> None:
+        summary = Summary()
+        summary.add(self)
+        summary.warn(max_len)
+
+
+class Summary:
+    """Reports added up over a stream: per kind, how many and the first (in constant memory)."""
+
+    def __init__(self):
+        self.seen: dict[str, list[int]] = {}     # kind -> [count, first index]
+
+    def add(self, report: Report, offset: int = 0) -> None:
+        for kind in REPORT_WARNINGS:
+            idx = getattr(report, kind)
+            if idx:
+                entry = self.seen.setdefault(kind, [0, offset + idx[0]])
+                entry[0] += len(idx)
+
+    def warn(self, max_len: int) -> None:
+        """One warning per kind that happened."""
+        for kind, (n, first) in self.seen.items():
+            log.warning(REPORT_WARNINGS[kind].format(n=n, first=first, max_len=max_len))
 
 
 @dataclasses.dataclass
@@ -81,6 +126,7 @@ class Tokenizer:
         self.vocab_size = 1 + max([*vocab_ids, *probe_ids, *(v for v in self.ids.values() if v is not None)])
         self._specials_single = len(probes[3].ids)   # what the post-processor adds to one text
         self._specials_pair = len(probes[4].ids)
+        self._untruncated = _HFTokenizer.from_str(self._tok.to_str())   # for _cut's look at a prefix
         try:
             self._tok.enable_truncation(max_length=max_len)
         except Exception as e:
@@ -95,42 +141,67 @@ class Tokenizer:
             ok = isinstance(it, str) or (isinstance(it, (tuple, list)) and len(it) == 2
                                          and all(isinstance(p, str) for p in it))
             if not ok:
-                raise InputError(f"item {i}: expected a string or a (text_a, text_b) pair, got {type(it).__name__}")
+                raise InputTypeError(f"expected a string or a (text_a, text_b) pair, got {type(it).__name__}", item=i)
             for part in ((it,) if isinstance(it, str) else it):
                 if not part.isascii():
                     _check_unicode(part, i)
+        cut = [self._cut(it) if isinstance(it, str) else self._cut_pair(*it) for it in items]
         try:
-            return self._tok.encode_batch([tuple(it) if not isinstance(it, str) else it for it in items])
+            return self._tok.encode_batch(cut)
         except Exception as e:   # tokenizers raises plain Exceptions (e.g. a pair too long to truncate)
             raise InputError(f"the tokenizer refused the input: {_first_line(e)}") from None
 
-    def encode_ids(self, items: Sequence, warn_empty: bool = True) -> tuple[list[np.ndarray], list[int]]:
-        """-> one int64 id array per item (unpadded), and the indices that were truncated.
+    def _cut(self, text: str) -> str:
+        """A prefix of `text` whose truncation gives exactly the ids of the whole text, so a huge
+        text is never tokenized whole: the prefix (CHARS_PER_TOKEN chars per token, grown
+        PREFIX_GROWTH times until it suffices) must hold max_len tokens, all from words that end
+        before the cut. A text with fewer tokens than that is tokenized whole."""
+        return self._prefix(text, self.max_len)
+
+    def _prefix(self, text: str, need: int) -> str:
+        """The shortest prefix tried whose first `need` tokens come from words before the cut."""
+        n = self.max_len * CHARS_PER_TOKEN
+        while n < len(text):
+            words = self._untruncated.encode(text[:n], add_special_tokens=False).word_ids   # [tokens]
+            if len(words) > need and words[need - 1] < words[-1]:
+                return text[:n]
+            n *= PREFIX_GROWTH
+        return text
+
+    def _cut_pair(self, a: str, b: str) -> tuple[str, str]:
+        """A pair is truncated longest-first, which depends on which part is longer: only a long
+        part next to a short one is cut, and kept longer than the short one (two long parts are
+        tokenized whole)."""
+        long = self.max_len * CHARS_PER_TOKEN
+        if (len(a) > long) == (len(b) > long):
+            return a, b
+        short = b if len(a) > long else a
+        need = max(self.max_len, len(self._untruncated.encode(short, add_special_tokens=False).ids) + 1)
+        return (self._prefix(a, need), b) if len(a) > long else (a, self._prefix(b, need))
+
+    def encode_ids(self, items: Sequence) -> tuple[list[np.ndarray], "Report"]:
+        """-> one int64 id array per item (unpadded), and a Report of the items that were
+        truncated or had no token.
 
         A text with no token left after normalization (empty, whitespace only, or only characters
         the normalizer drops: every non-ASCII one) is encoded, as the reference tokenizer does,
-        as the post-processor's special tokens alone (`<sep>`); unless warn_empty is false, a
-        warning says how many."""
+        as the post-processor's special tokens alone (`<sep>`)."""
         encs = self._encode(items)
         ids = [np.asarray(e.ids, np.int64) for e in encs]
-        truncated = [i for i, e in enumerate(encs) if e.overflowing]
+        report = Report(truncated=[i for i, e in enumerate(encs) if e.overflowing])
         if ids:
             top = int(np.concatenate(ids).max(initial=0))
             if top >= self.vocab_size:   # cannot happen after the checks at load; never index past them
                 raise CheckpointError(f"{self.path}: the tokenizer produced id {top}, past its vocabulary "
                                       f"of {self.vocab_size}")
-            empty = [i for i, (it, x) in enumerate(zip(items, ids))
-                     if len(x) <= (self._specials_single if isinstance(it, str) else self._specials_pair)]
-            if empty and warn_empty:
-                log.warning("%d text(s) have no tokens after normalization (empty, whitespace only or only "
-                            "non-ASCII characters; first: #%d): encoded as the end-of-sequence token alone",
-                            len(empty), empty[0])
-        return ids, truncated
+            report.empty = [i for i, (it, x) in enumerate(zip(items, ids))
+                            if len(x) <= (self._specials_single if isinstance(it, str) else self._specials_pair)]
+        return ids, report
 
     def __call__(self, items: Sequence) -> Batch:
         """Padded ids, as `Model.tokenize` returns them (no warning for empty texts: the ids say it)."""
-        ids, truncated = self.encode_ids(items, warn_empty=False)
-        return pad(ids, self.pad_id, truncated)
+        ids, report = self.encode_ids(items)
+        return pad(ids, self.pad_id, report.truncated)
 
     # --- decoding -----------------------------------------------------------------------------
     def id_to_token(self, i: int) -> str:
@@ -151,9 +222,9 @@ def _check_unicode(text: str, item: int) -> None:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise InputError(f"item {item}: text is not valid Unicode (lone surrogate {text[e.start]!r} at "
+        raise InputError(f"text is not valid Unicode (lone surrogate {text[e.start]!r} at "
                          f"character {e.start}; undecodable bytes? decode the input with "
-                         "errors='replace')") from None
+                         "errors='replace')", item=item) from None
 
 
 def pad(ids: list[np.ndarray], pad_id: int, truncated: list[int] | None = None) -> Batch:

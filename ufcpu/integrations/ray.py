@@ -89,10 +89,9 @@ class RayEncoder:
                  normalize: bool = False, output_column: str = "embedding", batch_size: int = 32,
                  threads: int | None = None, revision: str | None = None):
         import ufcpu
-        if pooling not in ("mean", "first", "none"):
-            raise InputError(f"pooling must be one of mean, first, none; got {pooling!r}")
+        from ..heads import pooling_name
         self.column = column
-        self.pooling = pooling
+        self.pooling = pooling_name(pooling)
         self.normalize = normalize
         self.output_column = output_column
         self.batch_size = batch_size
