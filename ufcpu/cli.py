@@ -44,6 +44,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
     p.add_argument("--threads", type=positive_int, default=None, help="threads for BLAS and the kernels (default: all cores)")
     p.add_argument("--check", action="store_true", help="scan every weight for NaN/inf at load")
+    p.add_argument("--precision", choices=("float32", "int8"), default="float32",
+                   help="float32 (exact) or int8 attention projections and heads (faster; README, Precision)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -135,7 +137,8 @@ def _progress(it: Iterable, unit: str):
 
 def _load(args, **kw):
     from . import load
-    return load(args.model, revision=args.revision, threads=args.threads, check=args.check, **kw)
+    return load(args.model, revision=args.revision, threads=args.threads, check=args.check,
+                precision=args.precision, **kw)
 
 
 def _as_json(a: np.ndarray) -> list:
@@ -247,7 +250,7 @@ def cmd_convert(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from . import hub, threads
+    from . import hub, quant, threads
     model = _load(args)
     info = {
         "source": str(model.source),
@@ -257,6 +260,8 @@ def cmd_info(args) -> int:
         "config": model.config.to_json(),
         "threads": {"kernels": model.threads, "blas": threads.blas_threads(), "cores": threads.cpu_count(),
                     "blas_idle_workers": "sleep" if threads.blas_workers_sleep() else "spin (NumPy was imported first)"},
+        "precision": model.precision,
+        "int8_kernels": quant.describe(),
         "version": _version(),
     }
     print(json.dumps(info, indent=2))

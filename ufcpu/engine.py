@@ -12,7 +12,7 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from . import heads, hub, kernels, malloc
+from . import heads, hub, kernels, malloc, quant
 from . import model as fwd
 from . import threads as _threads
 from .config import Config
@@ -25,7 +25,8 @@ f32 = np.float32
 
 
 def load(name_or_path: str | Path | None = None, revision: str | None = None,
-         threads: int | None = None, check: bool = False, ffn: str = "fff") -> "Model":
+         threads: int | None = None, check: bool = False, ffn: str = "fff",
+         precision: str = "float32") -> "Model":
     """Load a checkpoint: a Hub id (default pbelcak/UltraFastBERT-1x11-long), a Hub-layout
     folder or a converted engine folder. The first load of a checkpoint converts it into the
     cache; later loads map the converted weights directly.
@@ -34,16 +35,27 @@ def load(name_or_path: str | Path | None = None, revision: str | None = None,
     check: also scan every weight for NaN/inf (reads the whole file once).
     ffn: "fff" (the tree walk) or "dense-masked" (all nodes computed and masked, as the published
          code does: same results, for comparison only).
+    precision: "float32" (exact parity with the reference) or "int8" (the attention projections
+         and the heads' dense layers in int8; README, "Precision").
     """
+    _check_precision(precision)
     engine_dir, source = hub.resolve(name_or_path, revision, log=log.info)
-    return Model(engine_dir, source=source, threads=threads, check=check, ffn=ffn)
+    return Model(engine_dir, source=source, threads=threads, check=check, ffn=ffn, precision=precision)
+
+
+def _check_precision(precision) -> None:
+    if not isinstance(precision, str) or precision not in quant.PRECISIONS:
+        raise InputError(f"precision must be one of {', '.join(quant.PRECISIONS)}, got {precision!r}")
 
 
 class Model:
     def __init__(self, engine_dir: str | Path, source: str | Path | None = None,
-                 threads: int | None = None, check: bool = False, ffn: str = "fff"):
+                 threads: int | None = None, check: bool = False, ffn: str = "fff",
+                 precision: str = "float32"):
         if ffn not in fwd.FFN:
             raise InputError(f"ffn must be one of {', '.join(fwd.FFN)}, got {ffn!r}")
+        _check_precision(precision)
+        self.precision = precision
         self.ffn = fwd.FFN[ffn]
         self.path = Path(engine_dir)
         self.source = Path(source) if source is not None else self.path
@@ -51,6 +63,7 @@ class Model:
         self.weights = load_weights(self.path, self.config)
         if check:
             check_finite(self.weights, str(self.path))
+        self.weights = quant.PRECISIONS[precision](self.weights, self.config)
         self.tokenizer = Tokenizer(self.path / "tokenizer.json", self.config.max_seq)
         if self.tokenizer.vocab_size > self.config.vocab:
             raise CheckpointError(f"{self.path}: tokenizer has {self.tokenizer.vocab_size} tokens, "
@@ -61,7 +74,7 @@ class Model:
     def __repr__(self) -> str:
         c = self.config
         return (f"Model({str(self.source)!r}, layers={c.layers}, hidden={c.hidden}, depth={c.depth}, "
-                f"task={c.task!r}, threads={self.threads})")
+                f"task={c.task!r}, threads={self.threads}, precision={self.precision!r})")
 
     # --- tokens ------------------------------------------------------------------------------------
 

@@ -48,6 +48,7 @@ class Weights:
     pooler_b: np.ndarray | None = None   # [head_dim]
     head_w: np.ndarray | None = None     # [C, head_dim or H]
     head_b: np.ndarray | None = None     # [C]
+    decoder: object | None = None        # int8 precision: the MLM decoder, a quant.QLinear of word
 
 
 def read_engine_config(folder: Path) -> Config:
