@@ -537,6 +537,21 @@ VNNI_COLS = VNNI_GROUP * VNNI_GROUPS   # output columns per claim; N is padded t
 U8_BIAS = np.int32(128)                # vpdpbusd multiplies u8 by s8: x + 128, minus 128 * sum_k w[n, k]
 
 
+# fastmath=False said explicitly: a callee left unset inherits its fast-math caller's flags (and
+# reassociates), and every int8 product must round these two multiplications the same way.
+@njit(cache=_CACHE, nogil=True, fastmath=False)
+def _dequant(acc, x_scale, w_scale):  # exact integer sum (as float32) -> the output value
+    return acc * (x_scale * w_scale)
+
+
+@njit(cache=_CACHE, nogil=True, fastmath=False)   # as _dequant
+def _dequant_tile(acc, xs, ws, out, m, n):  # acc [4, 4] exact sums of tokens m.., columns n..n+3 -> out
+    for r in range(min(4, out.shape[0] - m)):
+        c = xs[m + r]
+        for j in range(4):
+            out[m + r, n + j] = acc[r, j] * (c * ws[n + j])
+
+
 @njit(inline="always", **_JIT)
 def _quantize_row(x, q, scale, t):
     row = x[t]
@@ -592,11 +607,11 @@ def _s8_rows_block(xq, xs, wq, ws, out, nb):  # rows 4nb..4nb+3 of wq, every tok
                 acc = np.float32(0.0)
                 for k in range(k_count):
                     acc += np.float32(xm[k]) * np.float32(wr[k])
-                out[m, r] = acc * (xs[m] * ws[r])
+                out[m, r] = _dequant(acc, xs[m], ws[r])
         return
     w0, w1, w2, w3 = wq[n], wq[n + 1], wq[n + 2], wq[n + 3]
-    s0, s1, s2, s3 = ws[n], ws[n + 1], ws[n + 2], ws[n + 3]
     last = m_count - 1
+    acc = np.empty((4, 4), np.float32)
     for m in range(0, m_count, 4):   # 4 tokens x 4 rows, tokens past the end repeat the last
         x0 = xq[m]
         x1 = xq[min(m + 1, last)]
@@ -616,17 +631,11 @@ def _s8_rows_block(xq, xs, wq, ws, out, nb):  # rows 4nb..4nb+3 of wq, every tok
             a20 += v * u0; a21 += v * u1; a22 += v * u2; a23 += v * u3  # noqa: E702
             v = np.float32(x3[k])
             a30 += v * u0; a31 += v * u1; a32 += v * u2; a33 += v * u3  # noqa: E702
-        c = xs[m]
-        out[m, n], out[m, n + 1], out[m, n + 2], out[m, n + 3] = a00 * (c * s0), a01 * (c * s1), a02 * (c * s2), a03 * (c * s3)
-        if m + 1 <= last:
-            c = xs[m + 1]
-            out[m + 1, n], out[m + 1, n + 1], out[m + 1, n + 2], out[m + 1, n + 3] = a10 * (c * s0), a11 * (c * s1), a12 * (c * s2), a13 * (c * s3)  # noqa: E501
-        if m + 2 <= last:
-            c = xs[m + 2]
-            out[m + 2, n], out[m + 2, n + 1], out[m + 2, n + 2], out[m + 2, n + 3] = a20 * (c * s0), a21 * (c * s1), a22 * (c * s2), a23 * (c * s3)  # noqa: E501
-        if m + 3 <= last:
-            c = xs[m + 3]
-            out[m + 3, n], out[m + 3, n + 1], out[m + 3, n + 2], out[m + 3, n + 3] = a30 * (c * s0), a31 * (c * s1), a32 * (c * s2), a33 * (c * s3)  # noqa: E501
+        acc[0, 0], acc[0, 1], acc[0, 2], acc[0, 3] = a00, a01, a02, a03
+        acc[1, 0], acc[1, 1], acc[1, 2], acc[1, 3] = a10, a11, a12, a13
+        acc[2, 0], acc[2, 1], acc[2, 2], acc[2, 3] = a20, a21, a22, a23
+        acc[3, 0], acc[3, 1], acc[3, 2], acc[3, 3] = a30, a31, a32, a33
+        _dequant_tile(acc, xs, ws, out, m, n)
 
 
 @njit(**_JIT)
@@ -719,7 +728,7 @@ def matmul_s8_vnni(xq, xs, wp, ws, wsum, out, state):
                 o = out[m + r]
                 a = acc[r]
                 for n in range(n0, n1):
-                    o[n] = np.float32(a[n - n0] - wsum[n]) * (c * ws[n])
+                    o[n] = _dequant(np.float32(a[n - n0] - wsum[n]), c, ws[n])
         b = _claim(state, SHARED_NEXT, blocks)
     fetch_add(state, SHARED_INSIDE, -1)
 
