@@ -552,6 +552,11 @@ def _dequant_tile(acc, xs, ws, out, m, n):  # acc [4, 4] exact sums of tokens m.
             out[m + r, n + j] = acc[r, j] * (c * ws[n + j])
 
 
+@njit(cache=_CACHE, nogil=True, fastmath=False)   # a true division: fast-math's a * (1 / b) is 1 ulp off
+def _divide(a, b):
+    return a / b
+
+
 @njit(inline="always", **_JIT)
 def _quantize_row(x, q, scale, t):
     row = x[t]
@@ -567,8 +572,8 @@ def _quantize_row(x, q, scale, t):
         for k in range(qr.shape[0]):
             qr[k] = 0
         return
-    inv = np.float32(127.0) / amax
-    scale[t] = amax / np.float32(127.0)
+    inv = _divide(np.float32(127.0), amax)
+    scale[t] = _divide(amax, np.float32(127.0))
     for k in range(row.shape[0]):
         qr[k] = np.int8(min(max(np.rint(row[k] * inv), np.float32(-127.0)), np.float32(127.0)))
     for k in range(row.shape[0], qr.shape[0]):
