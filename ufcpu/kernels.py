@@ -820,7 +820,7 @@ def _example_calls() -> dict:
         matmul_nt: [(x, k(np.ones((3, 4), f32)), np.empty((2, 3), f32)) for k in kinds],
         fff_walk: [(x, k(np.ones((3, 4), f32)), k(np.zeros(3, f32)), k(np.ones((3, 4), f32)), 1,
                     np.empty_like(x), np.empty((2, 2), np.int32), np.empty((2, 2), f32)) for k in kinds],
-        quantize_rows: [(x, np.empty((2, 4), np.int8), np.empty(2, f32))],
+        quantize_rows: [(k(np.ones((2, 4), f32)), np.empty((2, 4), np.int8), np.empty(2, f32)) for k in kinds],
         matmul_s8_rows: [(np.ones((2, 4), np.int8), np.ones(2, f32), k(np.ones((3, 4), np.int8)), k(np.ones(3, f32)),
                           np.empty((2, 3), f32)) for k in kinds],
     }

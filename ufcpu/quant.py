@@ -47,16 +47,9 @@ def padded(k: int, align: int) -> int:
 
 
 def quantize_matrix(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # [N, K] float32 -> wq [N, Kp] int8, scale [N]
-    """Symmetric per-row int8: scale = max|w[n]| / 127 (a zero row: scale 0, zeros); K padded with zeros."""
-    n, k = w.shape
-    amax = np.abs(w).max(axis=1) if k else np.zeros(n, f32)                  # [N]
-    scale = (amax / f32(127.0)).astype(f32)
-    inv = np.divide(f32(127.0), amax, out=np.zeros_like(amax), where=amax > 0).astype(f32)
-    wq = np.zeros((n, padded(k, kernels.INT8_K_ALIGN)), np.int8)
-    for start in range(0, n, 4096):   # in slices: no float temporary the size of the decoder
-        rows = slice(start, start + 4096)
-        wq[rows, :k] = np.clip(np.rint(w[rows] * inv[rows, None]), -127, 127)
-    return wq, scale
+    """Symmetric per-row int8 (per output channel), the same kernel as the activations' per token:
+    scale = max|w[n]| / 127, wq = rint(w / scale); K padded with zeros."""
+    return quantize_activations(np.ascontiguousarray(w, f32))
 
 
 def pack_rows(wq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # [N, Kp] -> itself, no offsets
@@ -72,7 +65,7 @@ def pack_vnni(wq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     full[:n] = wq
     g = kernels.VNNI_GROUP
     packed = np.ascontiguousarray(full.reshape(np_ // g, g, kp // 4, 4).transpose(0, 2, 1, 3))
-    return packed, (int(kernels.U8_BIAS) * wq.astype(np.int32).sum(axis=1)).astype(np.int32)
+    return packed, int(kernels.U8_BIAS) * wq.sum(axis=1, dtype=np.int32)
 
 
 def _run_rows(x8, xs, q: QLinear, out):
@@ -112,7 +105,7 @@ def quantize(w: np.ndarray, product: str | None = None) -> QLinear:  # [N, K] fl
     if p.max_k is not None and k > p.max_k:
         raise CheckpointError(f"int8 on this CPU ({name} product) takes at most {p.max_k} inputs per "
                               f"projection, this model has {k}: use precision='float32'")
-    wq, scale = quantize_matrix(np.asarray(w, f32))
+    wq, scale = quantize_matrix(w)
     data, wsum = p.pack(wq)
     return QLinear(n=n, k=k, product=name, data=data, scale=scale, wsum=wsum)
 
