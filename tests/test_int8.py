@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -197,3 +199,55 @@ def test_cli_precision_int8(tmp_path):
     bad = subprocess.run(env_run + ["encode", "--model", str(DATA / TRAINED), "--precision", "int4", "x"],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "int4" in bad.stderr
+
+
+# --- the int8 weight file ---------------------------------------------------------------------------
+
+@pytest.fixture
+def engine(tmp_path, monkeypatch):
+    """A private converted copy of trained-tiny (its own cache), -> the engine folder."""
+    monkeypatch.setenv("UFCPU_CACHE", str(tmp_path / "cache"))
+    return ufcpu.load(DATA / TRAINED).path
+
+
+def _int8_path(engine_dir):
+    return quant.int8_file(engine_dir, quant.available()[0])
+
+
+def test_int8_weights_are_written_once_then_mapped(engine):
+    first = ufcpu.load(engine, precision="int8")
+    path = _int8_path(engine)
+    assert path.parent == engine and path.is_file()
+    stamp = path.stat().st_mtime_ns
+    again = ufcpu.load(engine, precision="int8")
+    assert path.stat().st_mtime_ns == stamp                         # not written again
+    q = again.weights.layers[0].qkv
+    assert isinstance(q, quant.QLinear) and not q.data.flags.writeable and not q.data.flags.owndata
+    ids = np.load(DATA / TRAINED / "eval.npz")["input_ids"][:2]
+    np.testing.assert_array_equal(again.hidden_states(ids), first.hidden_states(ids))
+    np.testing.assert_array_equal(again.mlm_logits(ids), first.mlm_logits(ids))
+
+
+def test_an_edited_engine_or_a_damaged_file_is_quantized_again(engine):
+    ufcpu.load(engine, precision="int8")
+    path = _int8_path(engine)
+    weights = engine / "engine.safetensors"
+    st = weights.stat()
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))   # the engine changed
+    stamp = path.stat().st_mtime_ns
+    ufcpu.load(engine, precision="int8")
+    assert path.stat().st_mtime_ns != stamp
+    for damage in (lambda b: b[: len(b) // 2], lambda b: b"garbage" + b):
+        path.write_bytes(damage(path.read_bytes()))
+        m = ufcpu.load(engine, precision="int8")
+        assert quant._read(path, quant._key(weights), ufcpu.load(engine).weights, m.config,
+                           quant.available()[0]) is not None         # rewritten whole
+    assert not [p for p in engine.iterdir() if ".partial-" in p.name]
+
+
+def test_a_read_only_engine_folder_keeps_its_int8_file_in_the_cache(engine, tmp_path, monkeypatch):
+    monkeypatch.setattr(quant.os, "access", lambda path, mode: Path(path) != engine)   # as for another user
+    m = ufcpu.load(engine, precision="int8")
+    path = _int8_path(engine)
+    assert path.is_file() and tmp_path / "cache" in path.parents and isinstance(m.weights.decoder, quant.QLinear)
+    assert not (engine / path.name).exists()

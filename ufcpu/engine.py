@@ -63,7 +63,7 @@ class Model:
         self.weights = load_weights(self.path, self.config)
         if check:
             check_finite(self.weights, str(self.path))
-        self.weights = quant.PRECISIONS[precision](self.weights, self.config)
+        self.weights = quant.PRECISIONS[precision](self.weights, self.config, self.path)
         self.tokenizer = Tokenizer(self.path / "tokenizer.json", self.config.max_seq)
         if self.tokenizer.vocab_size > self.config.vocab:
             raise CheckpointError(f"{self.path}: tokenizer has {self.tokenizer.vocab_size} tokens, "

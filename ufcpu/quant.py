@@ -13,15 +13,22 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import hashlib
+import logging
 import os
 import platform
+import tempfile
+from pathlib import Path
 
 import numpy as np
 
 from . import kernels
 from .config import Config
 from .errors import CheckpointError
-from .weights import Weights
+from .safetensors_io import open_tensors
+from .weights import ENGINE_WEIGHTS, Weights
+
+log = logging.getLogger("ufcpu")
 
 f32 = np.float32
 
@@ -135,25 +142,125 @@ def dense(x: np.ndarray, w) -> np.ndarray:  # [M, K], [N, K] float32 or QLinear 
     return x @ w.T
 
 
-# --- whole models -----------------------------------------------------------------------------------
+# --- the int8 weight file -----------------------------------------------------------------------------
+# Quantizing the full model takes 0.6-2 s here (bench/README.md), a load's budget: it is done once and
+# kept as `engine-int8-<product>.safetensors` in the engine folder (else, if that is read-only, in
+# the ufcpu cache), memory-mapped on later loads. Its `key` tensor holds the format version and the
+# engine file's size and modification time: a file of another version or of an edited engine is
+# quantized again. Written to a temporary sibling and renamed, so a reader never sees half a file.
+
+INT8_VERSION = 1
+INT8_KEY = "key"
+
+
+def _projections(w: Weights, cfg: Config) -> dict[str, np.ndarray]:  # name -> float32 [N, K]
+    named = {}
+    for i, layer in enumerate(w.layers):
+        named[f"layer.{i}.qkv"] = layer.qkv
+        named[f"layer.{i}.attn_out"] = layer.attn_out
+    if cfg.task == "mlm":
+        named["decoder"] = w.word
+    if w.pooler_w is not None:
+        named["pooler_w"] = w.pooler_w
+    return named
+
+
+def _with(w: Weights, q: dict[str, QLinear]) -> Weights:
+    layers = tuple(dataclasses.replace(layer, qkv=q[f"layer.{i}.qkv"], attn_out=q[f"layer.{i}.attn_out"])
+                   for i, layer in enumerate(w.layers))
+    extra = {k: q[k] for k in ("decoder", "pooler_w") if k in q}
+    return dataclasses.replace(w, layers=layers, **extra)
+
 
 def int8_weights(w: Weights, cfg: Config, product: str | None = None) -> Weights:
     """The same weights with every int8 projection quantized: each layer's qkv and attn_out, the
     MLM decoder (a quantized copy of the word embedding, which the embedding lookup keeps
     reading in float32) and the classifier's dense layer."""
-    layers = tuple(dataclasses.replace(layer, qkv=quantize(layer.qkv, product),
-                                       attn_out=quantize(layer.attn_out, product)) for layer in w.layers)
-    extra = {}
-    if cfg.task == "mlm":
-        extra["decoder"] = quantize(w.word, product)
-    if w.pooler_w is not None:
-        extra["pooler_w"] = quantize(w.pooler_w, product)
-    return dataclasses.replace(w, layers=layers, **extra)
+    return _with(w, {name: quantize(a, product) for name, a in _projections(w, cfg).items()})
 
 
-PRECISIONS = {  # precision -> how the loaded float32 weights become the ones it runs
-    "float32": lambda w, cfg: w,
-    "int8": int8_weights,
+def _key(engine_file: Path) -> np.ndarray:
+    st = engine_file.stat()
+    return np.array([INT8_VERSION, st.st_size, st.st_mtime_ns], np.int64)
+
+
+def int8_file(engine_dir: Path, product: str) -> Path:
+    """Beside the engine if its folder is writable, else in the ufcpu cache (one folder per engine)."""
+    name = f"engine-int8-{product}.safetensors"
+    if os.access(engine_dir, os.W_OK):
+        return engine_dir / name
+    from .hub import cache_dir
+    tag = hashlib.sha256(str(engine_dir.resolve()).encode()).hexdigest()[:16]
+    return cache_dir() / "int8" / tag / name
+
+
+def _read(path: Path, key: np.ndarray, w: Weights, cfg: Config, product: str) -> Weights | None:
+    """The cached weights if the file is there, of this version and engine, and every tensor has
+    the shape quantize() gives; else None."""
+    try:
+        t = open_tensors(path)
+    except CheckpointError:
+        return None
+    if INT8_KEY not in t or t[INT8_KEY].dtype != np.int64 or not np.array_equal(t[INT8_KEY], key):
+        return None
+    q = {}
+    for name, a in _projections(w, cfg).items():
+        n, k = a.shape
+        want = _layout(product, n, k)
+        got = [t.get(f"{name}.{part}") for part in ("data", "scale", "wsum")]
+        if any(g is None or (g.dtype, g.shape) != spec for g, spec in zip(got, want)):
+            return None
+        q[name] = QLinear(n=n, k=k, product=product, data=got[0], scale=got[1], wsum=got[2])
+    return _with(w, q)
+
+
+def _layout(product: str, n: int, k: int) -> list[tuple]:  # -> (dtype, shape) of data, scale, wsum
+    kp = padded(k, kernels.INT8_K_ALIGN)
+    if product == "avx512_vnni":
+        data = (padded(max(n, 1), kernels.VNNI_COLS) // kernels.VNNI_GROUP, kp // 4, kernels.VNNI_GROUP, 4)
+        return [(np.dtype(np.int8), data), (np.dtype(f32), (n,)), (np.dtype(np.int32), (n,))]
+    return [(np.dtype(np.int8), (n, kp)), (np.dtype(f32), (n,)), (np.dtype(np.int32), (1,))]
+
+
+def _write(path: Path, key: np.ndarray, quantized: dict[str, QLinear]) -> None:
+    from safetensors.numpy import save_file
+    tensors = {INT8_KEY: key}
+    for name, q in quantized.items():
+        tensors.update({f"{name}.data": q.data, f"{name}.scale": q.scale, f"{name}.wsum": q.wsum})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".partial-", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def cached_int8_weights(w: Weights, cfg: Config, engine_dir: Path, product: str | None = None) -> Weights:
+    """int8_weights, memory-mapped from the int8 file when it is current, else computed and written
+    there (an unwritable place only costs the quantization at every load)."""
+    product = product or available()[0]
+    engine_dir = Path(engine_dir)
+    key = _key(engine_dir / ENGINE_WEIGHTS)
+    path = int8_file(engine_dir, product)
+    cached = _read(path, key, w, cfg, product)
+    if cached is not None:
+        return cached
+    quantized = {name: quantize(a, product) for name, a in _projections(w, cfg).items()}
+    try:
+        _write(path, key, quantized)
+    except OSError as e:
+        log.warning("could not keep the int8 weights in %s (%s): they are quantized at every load", path, e)
+        return _with(w, quantized)
+    return _read(path, key, w, cfg, product) or _with(w, quantized)   # mapped, as the float32 weights are
+
+
+PRECISIONS = {  # precision -> (float32 weights, config, engine folder) -> the weights it runs
+    "float32": lambda w, cfg, engine_dir: w,
+    "int8": cached_int8_weights,
 }
 
 
