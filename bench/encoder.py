@@ -53,10 +53,12 @@ class Row:
     ffn: str            # "fff", "dense-masked", "dense-crammed" (4H, random) or "dense-equal" (N, the FFF's weights)
     what: str           # "{n}" is replaced by the FF width
     default: bool = True   # run without --rows (False: only on request, to keep the run short)
+    precision: str = "float32"   # ufcpu rows: ufcpu.load(precision=)
 
 
 ROWS = (
     Row("ufcpu-fff", "ufcpu", "fff", "ufcpu, FFF tree walk (the product)"),
+    Row("ufcpu-int8", "ufcpu", "fff", "ufcpu, FFF tree walk, int8 attention projections and heads", precision="int8"),
     Row("ufcpu-dense-masked", "ufcpu", "dense-masked",
         "ufcpu, FFF computed as the published code does: all {n} nodes, masked (what Hub users get)"),
     Row("ufcpu-dense-crammed", "ufcpu", "dense-crammed", "ufcpu engine, dense {n}-wide FF (crammedBERT cost)"),
@@ -218,7 +220,7 @@ def ufcpu_runner(row: Row, plan: dict, threads: int):
     import ufcpu
     from ufcpu import kernels
     from ufcpu import model as fwd
-    m = ufcpu.load(plan["engine_dir"], threads=threads)
+    m = ufcpu.load(plan["engine_dir"], threads=threads, precision=row.precision)
     kernels.warmup()
     ffn = ufcpu_ffn(row.ffn, m.weights)
     extras = {"encode_sentence": lambda: m.encode(SENTENCE)} if row.ffn == "fff" else {}
