@@ -189,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2, help="threads for both pools (default 2)")
     ap.add_argument("--out", type=Path, default=common.RESULTS, help="results folder (default bench/results)")
     ap.add_argument("--smoke", action="store_true", help="two sizes, a few repeats: checks the script runs")
+    ap.add_argument("--only", choices=("shared", "products", "int8"), action="append", default=None,
+                    help="measure only this part (repeatable; default: all)")
     args = ap.parse_args(argv)
     started = time.perf_counter()
     n = threads.set_threads(args.threads)
@@ -197,13 +199,14 @@ def main(argv: list[str] | None = None) -> int:
     shared_tokens = (11, 128) if args.smoke else (11, 64, 128, 256, 512, 1024, 2048)
     product_tokens = (2, 11) if args.smoke else (1, 2, 4, 11, 16, 32, 64, 128, 256)
     repeats = 3 if args.smoke else 40
+    parts = set(args.only or ("shared", "products", "int8"))
     log(f"alone or with helpers, {n} threads")
-    shared = measure_shared(shared_tokens, repeats, rng)
+    shared = measure_shared(shared_tokens, repeats, rng) if "shared" in parts else []
     log("small products")
-    products = measure_products(product_tokens, max(3, repeats // 4), rng)
+    products = measure_products(product_tokens, max(3, repeats // 4), rng) if "products" in parts else []
     log("int8 products")
     int8 = measure_int8((1, 11) if args.smoke else (1, 11, 16, 128, 1024), max(3, repeats // 8), rng,
-                        (1,) if args.smoke else (1, 2))
+                        (1,) if args.smoke else (1, 2)) if "int8" in parts else []
     threads.set_threads(n)
     info = common.machine_info()
     peak = peaks(info)
