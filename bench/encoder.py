@@ -58,7 +58,8 @@ class Row:
 
 ROWS = (
     Row("ufcpu-fff", "ufcpu", "fff", "ufcpu, FFF tree walk (the product)"),
-    Row("ufcpu-int8", "ufcpu", "fff", "ufcpu, FFF tree walk, int8 attention projections and heads", precision="int8"),
+    Row("ufcpu-int8", "ufcpu", "fff", "ufcpu, FFF tree walk, int8 attention projections and heads", precision="int8",
+        default=False),
     Row("ufcpu-dense-masked", "ufcpu", "dense-masked",
         "ufcpu, FFF computed as the published code does: all {n} nodes, masked (what Hub users get)"),
     Row("ufcpu-dense-crammed", "ufcpu", "dense-crammed", "ufcpu engine, dense {n}-wide FF (crammedBERT cost)"),
