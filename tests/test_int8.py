@@ -154,6 +154,9 @@ def test_products_are_offered_by_cpu_feature(monkeypatch):
     monkeypatch.setattr(kernels, "host_features", lambda: frozenset({"avx512vnni", "avx512f"}))
     assert quant.available() == ["avx512_vnni", "portable"]
     assert quant.available()[0] == next(iter(quant.PRODUCTS))   # the fastest first
+    monkeypatch.setattr(kernels, "host_features", lambda: frozenset())
+    with pytest.raises(InputError, match="'avx512_vnni' does not run on this CPU; it runs portable"):
+        quant.quantize(np.ones((4, 8), f32), "avx512_vnni")
 
 
 def test_portable_product_refuses_a_k_it_cannot_sum_exactly():

@@ -24,7 +24,7 @@ import numpy as np
 
 from . import kernels
 from .config import Config
-from .errors import CheckpointError
+from .errors import CheckpointError, InputError
 from .safetensors_io import open_tensors
 from .weights import ENGINE_WEIGHTS, Weights
 
@@ -106,7 +106,10 @@ def available() -> list[str]:
 
 
 def quantize(w: np.ndarray, product: str | None = None) -> QLinear:  # [N, K] float32 -> QLinear
-    name = product or available()[0]
+    runs = available()
+    name = product or runs[0]
+    if name not in runs:   # its instructions may not exist here: never compile or call it
+        raise InputError(f"int8 product {name!r} does not run on this CPU; it runs {', '.join(runs)}")
     p = PRODUCTS[name]
     n, k = w.shape
     if p.max_k is not None and k > p.max_k:
