@@ -728,12 +728,14 @@ def matmul_s8_vnni(xq, xs, wp, ws, wsum, out, state):
             _vnni_tile(base_x + m * row_x, base_x + min(m + 1, last) * row_x,
                        base_x + min(m + 2, last) * row_x, base_x + min(m + 3, last) * row_x,
                        w, group_bytes, kq, acc)
-            for r in range(min(VNNI_ROWS, m_count - m)):
+            for r in range(min(VNNI_ROWS, m_count - m)):   # slices from 0: a loop LLVM vectorises
                 c = xs[m + r]
-                o = out[m + r]
+                o = out[m + r, n0:n1]
                 a = acc[r]
-                for n in range(n0, n1):
-                    o[n] = _dequant(np.float32(a[n - n0] - wsum[n]), c, ws[n])
+                s = ws[n0:n1]
+                z = wsum[n0:n1]
+                for j in range(o.shape[0]):
+                    o[j] = _dequant(np.float32(a[j] - z[j]), c, s[j])
         b = _claim(state, SHARED_NEXT, blocks)
     fetch_add(state, SHARED_INSIDE, -1)
 
