@@ -8,6 +8,9 @@
   the output projection): OpenBLAS against `kernels.matmul_nt`, both as `model.linear` calls them,
   over 16 distinct weight matrices so that weights stream from memory as in a forward pass. The
   token count up to which the kernel wins is `model.SMALL_PRODUCT_TOKENS`.
+- `int8`: the same products (M = 1, 11, 16, 128, 1024) at 1 and 2 threads in GOPS (2 M N K / s):
+  float32 OpenBLAS and `kernels.matmul_nt` against `quant.linear` with each int8 product this CPU
+  runs (the activations' quantization included), next to the CPU's int8 and float32 peaks.
 
 Microseconds per call, medians of repeats, one process, the variants taking turns.
 
@@ -28,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from common import fmt, log  # noqa: E402
 
-from ufcpu import kernels, settings, threads  # noqa: E402
+from ufcpu import kernels, quant, settings, threads  # noqa: E402
 from ufcpu import model as fwd  # noqa: E402
 
 f32 = np.float32
@@ -114,7 +117,55 @@ def measure_products(token_counts, repeats: int, rng) -> list[dict]:
     return rows
 
 
-def markdown(shared: list[dict], products: list[dict], n_threads: int, info: dict) -> str:
+def peaks(info: dict) -> dict:
+    """Per-core peaks at the nominal clock, assuming two 512-bit units: vpdpbusd does 64 u8 x s8
+    multiply-adds per instruction (128 ops), an FMA 16 float32 ones (32 flops)."""
+    ghz = common._cpuinfo().get("cpu MHz")
+    ghz = float(ghz) / 1000 if ghz else None
+    has_vnni = "avx512_vnni" in info.get("cpu_flags", [])
+    return {"ghz": ghz, "int8_gops_per_core": 2 * 128 * ghz if ghz and has_vnni else None,
+            "f32_gflops_per_core": 2 * 32 * ghz if ghz else None}
+
+
+def measure_int8(token_counts, repeats: int, rng, thread_counts=(1, 2)) -> list[dict]:
+    rows = []
+    for n_out in (3 * H, H):
+        ws = [rng.standard_normal((n_out, H), dtype=f32) * f32(0.05) for _ in range(8)]
+        qs = {name: [quant.quantize(w, name) for w in ws] for name in quant.available()}
+        for t in thread_counts:
+            threads.set_threads(t)
+            for m in token_counts:
+                x = rng.standard_normal((m, H), dtype=f32)
+                out = np.empty((m, n_out), f32)
+                variants = {"OpenBLAS f32": lambda: [x @ w.T for w in ws],
+                            "matmul_nt f32": lambda: [threads.run(kernels.matmul_nt, x, w, out) for w in ws]}
+                for name, q in qs.items():
+                    variants[f"int8 {name}"] = lambda q=q: [quant.linear(x, w) for w in q]
+                times = {k: per_call_us(v, lambda: None, repeats) / len(ws) for k, v in variants.items()}
+                ops = 2.0 * m * n_out * H
+                row = {"n": n_out, "tokens": m, "threads": t,
+                       "us": times, "gops": {k: ops / (v * 1e3) for k, v in times.items()}}
+                rows.append(row)
+                log(f"  {t} threads {m:5} x {H} @ {H} x {n_out}: " +
+                    "  ".join(f"{k} {row['gops'][k]:.0f} GOPS" for k in times))
+    return rows
+
+
+def markdown_int8(rows: list[dict], peak: dict) -> list[str]:
+    names = list(rows[0]["us"]) if rows else []
+    out = ["", "## int8 products against float32 (GOPS = 2 M N K per second; 8 distinct weight matrices)", "",
+           f"Peaks per core at {fmt(peak['ghz'])} GHz, assuming two 512-bit units: int8 (vpdpbusd) "
+           f"{fmt(peak['int8_gops_per_core'])} GOPS, float32 (FMA) {fmt(peak['f32_gflops_per_core'])} GFLOPS. "
+           "int8 times include quantizing the activations.", ""]
+    out.append(common.md_table(
+        ["threads", "x", "w", *[f"{k} GOPS" for k in names], "int8 / best f32"],
+        [[r["threads"], f"{r['tokens']} x {H}", f"{r['n']} x {H}", *[fmt(r["gops"][k]) for k in names],
+          fmt(max(v for k, v in r["gops"].items() if k.startswith("int8")) /
+              max(v for k, v in r["gops"].items() if k.endswith("f32")))] for r in rows]))
+    return out
+
+
+def markdown(shared: list[dict], products: list[dict], n_threads: int, info: dict, int8=(), peak=None) -> str:
     out = ["# Kernels: helper thresholds and small products", "",
            f"{n_threads} threads; {info.get('cpu_model') or 'CPU'}. Microseconds per call, medians. "
            "'used' is what ufcpu picks at that size (threads.run, model.linear).", "",
@@ -128,6 +179,8 @@ def markdown(shared: list[dict], products: list[dict], n_threads: int, info: dic
         ["w", "tokens", "OpenBLAS us", "matmul_nt us", "faster", "used"],
         [[f"{r['n']} x {H}", r["tokens"], fmt(r["blas_us"]), fmt(r["matmul_nt_us"]),
           "matmul_nt" if r["matmul_nt_us"] < r["blas_us"] else "OpenBLAS", r["linear_uses"]] for r in products]))
+    if int8:
+        out += markdown_int8(int8, peak)
     return "\n".join(out) + "\n"
 
 
@@ -136,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2, help="threads for both pools (default 2)")
     ap.add_argument("--out", type=Path, default=common.RESULTS, help="results folder (default bench/results)")
     ap.add_argument("--smoke", action="store_true", help="two sizes, a few repeats: checks the script runs")
+    ap.add_argument("--only", choices=("shared", "products", "int8"), action="append", default=None,
+                    help="measure only this part (repeatable; default: all)")
     args = ap.parse_args(argv)
     started = time.perf_counter()
     n = threads.set_threads(args.threads)
@@ -144,19 +199,25 @@ def main(argv: list[str] | None = None) -> int:
     shared_tokens = (11, 128) if args.smoke else (11, 64, 128, 256, 512, 1024, 2048)
     product_tokens = (2, 11) if args.smoke else (1, 2, 4, 11, 16, 32, 64, 128, 256)
     repeats = 3 if args.smoke else 40
+    parts = set(args.only or ("shared", "products", "int8"))
     log(f"alone or with helpers, {n} threads")
-    shared = measure_shared(shared_tokens, repeats, rng)
+    shared = measure_shared(shared_tokens, repeats, rng) if "shared" in parts else []
     log("small products")
-    products = measure_products(product_tokens, max(3, repeats // 4), rng)
+    products = measure_products(product_tokens, max(3, repeats // 4), rng) if "products" in parts else []
+    log("int8 products")
+    int8 = measure_int8((1, 11) if args.smoke else (1, 11, 16, 128, 1024), max(3, repeats // 8), rng,
+                        (1,) if args.smoke else (1, 2)) if "int8" in parts else []
+    threads.set_threads(n)
     info = common.machine_info()
+    peak = peaks(info)
     info["threads"] = common.ufcpu_threads()
     info["blas_idle_workers_sleep"] = settings.blas_workers_sleep()
     args.out.mkdir(parents=True, exist_ok=True)
     common.write_json(args.out / "kernels.json", {"benchmark": "kernels", "smoke": args.smoke, "threads": n,
                                                   "machine": info, "shared": shared,
-                                                  "products": products,
+                                                  "products": products, "int8": int8, "peaks": peak,
                                                   "wall_s": time.perf_counter() - started})
-    md = markdown(shared, products, n, info)
+    md = markdown(shared, products, n, info, int8, peak)
     common.write_text(args.out / "kernels.md", md)
     print(md)
     log(f"wrote {args.out / 'kernels.json'}, kernels.md in {time.perf_counter() - started:.0f} s")

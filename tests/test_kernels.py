@@ -376,3 +376,123 @@ def test_fetch_add_returns_the_old_value():
 
     a = np.array([7, 10], np.int64)
     assert bump(a) == (10, 15) and a.tolist() == [7, 13]
+
+
+# --- int8 products ---------------------------------------------------------------------------------
+
+from ufcpu import quant  # noqa: E402
+
+
+def quantize_rows_ref(x):
+    """Per token: scale max|x| / 127, q = rint(x / scale) in [-127, 127], as float32 NumPy."""
+    amax = np.abs(x).max(axis=1)
+    inv = np.divide(f32(127), amax, out=np.zeros_like(amax), where=amax > 0).astype(f32)
+    q = np.zeros((x.shape[0], quant.padded(x.shape[1], kernels.INT8_K_ALIGN)), np.int8)
+    q[:, :x.shape[1]] = np.clip(np.rint(x * inv[:, None]), -127, 127)
+    return q, (amax / f32(127)).astype(f32)
+
+
+def matmul_s8_ref(xq, wq):  # [M, Kp] int8, [N, Kp] int8 -> [M, N] int32, every sum in int32
+    return xq.astype(np.int32) @ wq.astype(np.int32).T
+
+
+@pytest.mark.parametrize("m,k", [(1, 768), (3, 5), (17, 201), (128, 768), (2, 1)])
+def test_quantize_rows_matches_naive(m, k):
+    rng = np.random.default_rng(m + k)
+    x = (rng.standard_normal((m, k), dtype=f32) * rng.uniform(0.01, 30, (m, 1))).astype(f32)
+    x[0, 0] = -np.abs(x[0]).max() * 2                # the extreme is exactly -127
+    q, scale = quant.quantize_activations(x)
+    ref_q, ref_scale = quantize_rows_ref(x)
+    np.testing.assert_array_equal(q, ref_q)
+    np.testing.assert_array_equal(scale, ref_scale)
+    assert q[0, 0] == -127 and q.min() >= -127
+
+
+def test_quantize_rows_zero_and_bad_tokens():
+    x = np.array([[0, 0, 0], [1, np.nan, 2], [np.inf, 1, 0], [-3, 0, 1.5]], f32)
+    q, scale = quant.quantize_activations(x)
+    assert scale[0] == 0 and not q[0].any()
+    assert np.isnan(scale[1]) and np.isnan(scale[2]) and not q[1].any() and not q[2].any()
+    assert q[3, :3].tolist() == [-127, 0, 64] and scale[3] == f32(3) / f32(127)
+
+
+INT8_SHAPES = [(m, k, n) for m in (1, 2, 3, 5, 17, 128) for k, n in ((768, 100), (200, 2304 if m < 17 else 77))] + \
+    [(4, 3, 1), (6, 36, 65), (7, 768, 768)]
+
+
+def product_args(name, xq, xs, wq, ws):
+    """The arguments of product `name` for activations xq and int8 weights wq [N, Kp]."""
+    data, wsum = quant.PRODUCTS[name].pack(wq)
+    if name == "avx512_vnni":
+        return (xq, xs, data, ws, wsum)
+    return (xq, xs, data, ws)
+
+
+@pytest.mark.parametrize("name", quant.available())
+@pytest.mark.parametrize("m,k,n", INT8_SHAPES)
+def test_int8_products_match_naive_exactly(name, m, k, n):
+    """Random ints over the whole range (s8 -128..127 activations, i.e. u8 0..255 inside VNNI;
+    weights -127..127) and the extremes: the integer sums equal NumPy's int32 ones, exactly
+    (unit scales: every sum here is below 2^24, so float32 holds it exactly), for every product
+    this CPU runs; K not a multiple of 64 (or 4), N not a multiple of the column block."""
+    rng = np.random.default_rng(m * 7 + k + n)
+    kp = quant.padded(k, kernels.INT8_K_ALIGN)
+    xq = np.zeros((m, kp), np.int8)
+    xq[:, :k] = rng.integers(-128, 128, (m, k))
+    wq = np.zeros((n, kp), np.int8)
+    wq[:, :k] = rng.integers(-127, 128, (n, k))
+    xq[0, :k], wq[0, :k] = -128, -127                   # the extremes: the largest sums there are
+    if n > 1:
+        wq[1, :k] = 127
+    ref = matmul_s8_ref(xq, wq)
+    assert np.abs(ref).max() < 2 ** 24
+    product = quant.PRODUCTS[name]
+    out = np.full((m, n), np.nan, f32)
+    threads.run(product.kernel, *product_args(name, xq, np.ones(m, f32), wq, np.ones(n, f32)), out)
+    np.testing.assert_array_equal(out, ref.astype(f32))
+    # with scales: the exact sum times x_scale[m] * w_scale[n], rounded as NumPy rounds it
+    xs = rng.uniform(0.001, 0.1, m).astype(f32)
+    ws = rng.uniform(0.001, 0.1, n).astype(f32)
+    threads.run(product.kernel, *product_args(name, xq, xs, wq, ws), out)
+    np.testing.assert_array_equal(out, ref.astype(f32) * (xs[:, None] * ws[None, :]))
+
+
+def test_vnni_layout_puts_four_k_of_sixteen_columns_together():
+    wq = np.arange(20 * 8, dtype=np.int64).reshape(20, 8).astype(np.int8)   # [N 20, Kp 8]
+    packed, wsum = quant.pack_vnni(wq)
+    assert packed.shape == (kernels.VNNI_COLS // 16, 2, 16, 4)               # N padded to 64
+    assert packed[0, 1, 3].tolist() == wq[3, 4:8].tolist() and packed[1, 0, 2].tolist() == wq[18, 0:4].tolist()
+    assert not packed[1, :, 4:].any()
+    np.testing.assert_array_equal(wsum, 128 * wq.astype(np.int32).sum(axis=1))
+
+
+@pytest.mark.parametrize("name", quant.available())
+def test_int8_products_with_helpers_equal_themselves_alone(name, monkeypatch):
+    rng = np.random.default_rng(11)
+    xq = rng.integers(-127, 128, (19, 96)).astype(np.int8)
+    wq = rng.integers(-127, 128, (300, 96)).astype(np.int8)
+    args = product_args(name, xq, rng.uniform(0.01, 1, 19).astype(f32), wq, rng.uniform(0.01, 1, 300).astype(f32))
+    kernel = quant.PRODUCTS[name].kernel
+    alone = np.full((19, 300), np.nan, f32)
+    kernel(*args, alone, np.zeros(kernels.SHARED_SLOTS, np.int64))
+    monkeypatch.setitem(kernels._SHARED, kernel, 1)
+    monkeypatch.setitem(kernels._SHARED, kernels.quantize_rows, 1)
+    threads.set_threads(3)
+    try:
+        for _ in range(10):
+            got = np.full_like(alone, np.nan)
+            threads.run(kernel, *args, got)
+            np.testing.assert_array_equal(got, alone)
+        x = rng.standard_normal((300, 50), dtype=f32)
+        np.testing.assert_array_equal(quant.quantize_activations(x)[0], quantize_rows_ref(x)[0])
+    finally:
+        threads.set_threads(threads.available())
+
+
+def test_vnni_product_is_never_offered_without_the_feature(monkeypatch):
+    """Its instruction does not exist on such a CPU: not in the products, not compiled by warmup."""
+    monkeypatch.setattr(kernels, "host_features", lambda: frozenset({"avx2", "fma"}))
+    assert kernels.int8_kernels() == [kernels.matmul_s8_rows]
+    assert kernels.matmul_s8_vnni not in kernels._example_calls()
+    assert quant.available() == ["portable"]
+    assert quant.quantize(np.ones((4, 8), f32)).product == "portable"

@@ -46,6 +46,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
     p.add_argument("--threads", type=positive_int, default=None, help="threads for BLAS and the kernels (default: all cores)")
     p.add_argument("--check", action="store_true", help="scan every weight for NaN/inf at load")
+    p.add_argument("--precision", choices=("float32", "int8"), default="float32",
+                   help="float32 (exact) or int8 attention projections and heads (faster; README, Precision)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,7 +129,8 @@ def _texts(args) -> Iterable[str]:
 
 def _load(args, **kw):
     from . import load
-    return load(args.model, revision=args.revision, threads=args.threads, check=args.check, **kw)
+    return load(args.model, revision=args.revision, threads=args.threads, check=args.check,
+                precision=args.precision, **kw)
 
 
 def _stream_format(args) -> str:
@@ -283,7 +286,7 @@ def _default_model_cached() -> bool:
 
 def cmd_info(args) -> int:
     """The environment always; the model's part when one loads (--model, or the default if cached)."""
-    from . import hub, settings, threads
+    from . import hub, quant, settings, threads
     info = {
         "version": _version(),
         "versions": _package_versions(),
@@ -293,6 +296,7 @@ def cmd_info(args) -> int:
                     "cores": threads.cpu_count(),
                     "blas_idle_workers": "sleep" if settings.blas_workers_sleep() else "spin (NumPy was imported first)"},
         "cpu": cpu_info(),
+        "int8_kernels": quant.describe(),
     }
     error = None
     if args.model is None and not _default_model_cached():
@@ -305,7 +309,7 @@ def cmd_info(args) -> int:
             info["model"] = f"cannot be loaded: {_one_line(e)}"
         else:
             info.update({"source": str(model.source), "engine_folder": str(model.path),
-                         "config": model.config.to_json()})
+                         "config": model.config.to_json(), "precision": model.precision})
             info["threads"]["kernels"] = model.threads
             with threads.calls(model.threads):   # what every call of the model runs with
                 info["threads"]["blas"] = threads.blas_threads()

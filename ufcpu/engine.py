@@ -13,7 +13,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from . import heads, hub
+from . import heads, hub, quant
 from . import model as fwd
 from . import threads as _threads
 from .config import Config
@@ -27,7 +27,8 @@ f32 = np.float32
 
 
 def load(name_or_path: str | Path | None = None, revision: str | None = None,
-         threads: int | None = None, check: bool = False, ffn: str = "fff") -> "Model":
+         threads: int | None = None, check: bool = False, ffn: str = "fff",
+         precision: str = "float32") -> "Model":
     """Load a checkpoint: a Hub id (default pbelcak/UltraFastBERT-1x11-long), a Hub-layout
     folder or a converted engine folder. The first load of a checkpoint converts it into the
     cache; later loads map the converted weights directly.
@@ -36,30 +37,42 @@ def load(name_or_path: str | Path | None = None, revision: str | None = None,
     check: also scan every weight for NaN/inf (reads the whole file once).
     ffn: "fff" (the tree walk) or "dense-masked" (all nodes computed and masked, as the published
          code does: same results, for comparison only).
+    precision: "float32" (exact parity with the reference) or "int8" (the attention projections
+         and the heads' dense layers in int8; README, "Precision").
     """
+    _check_precision(precision)
     found = hub.locate(name_or_path, revision, log=log.info)
-    return Model(found.engine, source=found.source, threads=threads, check=check, ffn=ffn, checked=found.checked)
+    return Model(found.engine, source=found.source, threads=threads, check=check, ffn=ffn,
+                 precision=precision, checked=found.checked)
+
+
+def _check_precision(precision) -> None:
+    if not isinstance(precision, str) or precision not in quant.PRECISIONS:
+        raise InputError(f"precision must be one of {', '.join(quant.PRECISIONS)}, got {precision!r}")
 
 
 class Model:
     def __init__(self, engine_dir: str | Path, source: str | Path | None = None,
                  threads: int | None = None, check: bool = False, ffn: str = "fff",
-                 checked: Checked | None = None):
+                 precision: str = "float32", checked: Checked | None = None):
         if ffn not in fwd.FFN:
             raise InputError(f"ffn must be one of {', '.join(fwd.FFN)}, got {ffn!r}")
+        _check_precision(precision)
+        self.precision = precision
         self.ffn = fwd.FFN[ffn]
         self.path = Path(engine_dir)
         self.source = Path(source) if source is not None else self.path
         # checked: what the conversion in this load already checked; NaN/inf named in the user's file
         eng = open_engine(self.path, check=check, by_source=self.source != self.path, checked=checked)
         self.config: Config = eng.config
-        self.weights, self.tokenizer = eng.weights, eng.tokenizer
+        self.weights = quant.PRECISIONS[precision](eng.weights, self.config, self.path)
+        self.tokenizer = eng.tokenizer
         self.threads = _threads.resolve(threads)   # applied by every call (ufcpu/threads.py)
 
     def __repr__(self) -> str:
         c = self.config
         return (f"Model({str(self.source)!r}, layers={c.layers}, hidden={c.hidden}, depth={c.depth}, "
-                f"task={c.task!r}, threads={self.threads})")
+                f"task={c.task!r}, threads={self.threads}, precision={self.precision!r})")
 
     # --- tokens ------------------------------------------------------------------------------------
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import quant
 from .config import Config
 from .errors import InputError
 from .weights import Weights
@@ -67,8 +68,8 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:  # [..., H] -> [..., H]
 # --- masked language modelling ----------------------------------------------------------------------
 
 def mlm_logits(h: np.ndarray, w: Weights) -> np.ndarray:  # [..., H] -> [..., V]
-    """The decoder is tied to the word embedding, no transform, no bias."""
-    return h @ w.word.T
+    """The decoder is tied to the word embedding, no transform, no bias (int8: its quantized copy)."""
+    return quant.dense(h, w.word if w.decoder is None else w.decoder)
 
 
 def softmax(x: np.ndarray) -> np.ndarray:  # [..., K] -> [..., K]
@@ -83,7 +84,7 @@ def softmax(x: np.ndarray) -> np.ndarray:  # [..., K] -> [..., K]
 def classify_pooled(pooled: np.ndarray, w: Weights, cfg: Config) -> np.ndarray:  # [B, H] -> [B, C]
     """pooled -> tanh(dense(pooled)) (dense only if the head has one) -> logits."""
     if cfg.include_ff_layer:
-        pooled = pooled @ w.pooler_w.T + w.pooler_b
+        pooled = quant.dense(pooled, w.pooler_w) + w.pooler_b
     return np.tanh(pooled) @ w.head_w.T + w.head_b
 
 

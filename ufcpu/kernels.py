@@ -595,6 +595,258 @@ def fff_walk(x, w_in, b_in, w_out, depth, out, routes, logits, state):
 
 
 # ---------------------------------------------------------------------------------------------
+# int8 projections: per-token quantized activations times per-output-channel int8 weights
+# ---------------------------------------------------------------------------------------------
+# out[m, n] = float32(sum_k xq[m, k] * wq[n, k]) * (x_scale[m] * w_scale[n]), the sum exact in int32.
+# Activations: s8 in [-127, 127], scale max|x| / 127 per token, K padded with zeros to INT8_K_ALIGN.
+# Two products, one per weight layout (ufcpu/quant.py packs the weights for the one the CPU runs):
+# - matmul_s8_rows: plain rows [N, Kp], summed exactly on the float32 units (below); any CPU.
+# - matmul_s8_vnni: AVX-512 VNNI vpdpbusd on packed groups [Np/16, Kp/4, 16, 4]; only where the
+#   CPU has avx512_vnni (elsewhere its instruction is illegal), chosen by `INT8_FEATURE`.
+
+INT8_K_ALIGN = 4     # K of activations and weights padded to a 4-byte group (one vpdpbusd lane)
+VNNI_GROUP = 16      # output columns of one vpdpbusd (16 int32 lanes)
+VNNI_GROUPS = 4      # column groups of a register block: 4 tokens x 64 columns in 16 zmm accumulators
+VNNI_ROWS = 4        # tokens of a register block
+VNNI_COLS = VNNI_GROUP * VNNI_GROUPS   # output columns per claim; N is padded to a multiple of it
+U8_BIAS = np.int32(128)                # vpdpbusd multiplies u8 by s8: x + 128, minus 128 * sum_k w[n, k]
+
+
+# fastmath=False said explicitly: a callee left unset inherits its fast-math caller's flags (and
+# reassociates), and every int8 product must round these two multiplications the same way.
+_STRICT = dict(cache=_JIT["cache"], nogil=True, fastmath=False)
+
+@njit(**_STRICT)
+def _dequant(acc, x_scale, w_scale):  # exact integer sum (as float32) -> the output value
+    return acc * (x_scale * w_scale)
+
+
+@njit(**_STRICT)   # as _dequant
+def _dequant_tile(acc, xs, ws, out, m, n):  # acc [4, 4] exact sums of tokens m.., columns n..n+3 -> out
+    for r in range(min(4, out.shape[0] - m)):
+        c = xs[m + r]
+        for j in range(4):
+            out[m + r, n + j] = acc[r, j] * (c * ws[n + j])
+
+
+@njit(**_STRICT)   # a true division: fast-math's a * (1 / b) is 1 ulp off
+def _divide(a, b):
+    return a / b
+
+
+@njit(inline="always", **_JIT)
+def _quantize_row(x, q, scale, t):
+    row = x[t]
+    amax = np.float32(0.0)
+    bad = False
+    for k in range(row.shape[0]):
+        a = abs(row[k])
+        bad |= a != a
+        amax = max(amax, a)
+    qr = q[t]
+    if bad or not np.isfinite(amax) or amax == np.float32(0.0):   # NaN/inf give NaN outputs, zeros give zeros
+        scale[t] = np.float32(np.nan) if amax != np.float32(0.0) or bad else np.float32(0.0)
+        for k in range(qr.shape[0]):
+            qr[k] = 0
+        return
+    inv = _divide(np.float32(127.0), amax)
+    scale[t] = _divide(amax, np.float32(127.0))
+    for k in range(row.shape[0]):
+        qr[k] = np.int8(min(max(np.rint(row[k] * inv), np.float32(-127.0)), np.float32(127.0)))
+    for k in range(row.shape[0], qr.shape[0]):
+        qr[k] = 0
+
+
+@njit(inline="always", **_JIT)
+def _quantize_block(blk, args):
+    x, q, scale = args
+    for t in range(blk * ROW_BLOCK, min((blk + 1) * ROW_BLOCK, x.shape[0])):
+        _quantize_row(x, q, scale, t)
+
+
+_quantize_loop = claim_loop(_quantize_block)
+
+
+@njit(**_JIT)
+def quantize_rows(x, q, scale, state):  # x [M, K] float32 -> q [M, Kp] int8, scale [M] float32; shared
+    fetch_add(state, SHARED_INSIDE, 1)
+    _quantize_loop(state, SHARED_NEXT, (x.shape[0] + ROW_BLOCK - 1) // ROW_BLOCK, (x, q, scale))
+    fetch_add(state, SHARED_INSIDE, -1)
+
+
+# The portable product sums int8 values on the float32 units, as matmul_nt does, from a quarter of
+# its weight bytes: exact, since every partial sum stays below 2^24 for K <= S8_FLOAT_K (127 * 127 *
+# 1040 < 2^24). Integer sums (Numba's arithmetic is int64) vectorised badly: 12-34 GOPS against 60-68
+# for this, M = 128, one core; cutting K into chunks inside the kernel stopped the vectorisation too.
+S8_FLOAT_K = 1040
+
+
+@njit(inline="always", **_JIT)
+def _s8_rows_block(xq, xs, wq, ws, out, nb):  # rows 4nb..4nb+3 of wq, every token
+    m_count, k_count = xq.shape
+    n_count = out.shape[1]
+    n = nb * 4
+    if n + 4 > n_count:       # the last rows when N % 4 != 0: one dot product each
+        for r in range(n, n_count):
+            wr = wq[r]
+            for m in range(m_count):
+                xm = xq[m]
+                acc = np.float32(0.0)
+                for k in range(k_count):
+                    acc += np.float32(xm[k]) * np.float32(wr[k])
+                out[m, r] = _dequant(acc, xs[m], ws[r])
+        return
+    w0, w1, w2, w3 = wq[n], wq[n + 1], wq[n + 2], wq[n + 3]
+    last = m_count - 1
+    acc = np.empty((4, 4), np.float32)
+    for m in range(0, m_count, 4):   # 4 tokens x 4 rows, tokens past the end repeat the last
+        x0 = xq[m]
+        x1 = xq[min(m + 1, last)]
+        x2 = xq[min(m + 2, last)]
+        x3 = xq[min(m + 3, last)]
+        a00 = a01 = a02 = a03 = np.float32(0.0)
+        a10 = a11 = a12 = a13 = np.float32(0.0)
+        a20 = a21 = a22 = a23 = np.float32(0.0)
+        a30 = a31 = a32 = a33 = np.float32(0.0)
+        for k in range(k_count):
+            u0, u1, u2, u3 = np.float32(w0[k]), np.float32(w1[k]), np.float32(w2[k]), np.float32(w3[k])
+            v = np.float32(x0[k])
+            a00 += v * u0; a01 += v * u1; a02 += v * u2; a03 += v * u3  # noqa: E702
+            v = np.float32(x1[k])
+            a10 += v * u0; a11 += v * u1; a12 += v * u2; a13 += v * u3  # noqa: E702
+            v = np.float32(x2[k])
+            a20 += v * u0; a21 += v * u1; a22 += v * u2; a23 += v * u3  # noqa: E702
+            v = np.float32(x3[k])
+            a30 += v * u0; a31 += v * u1; a32 += v * u2; a33 += v * u3  # noqa: E702
+        acc[0, 0], acc[0, 1], acc[0, 2], acc[0, 3] = a00, a01, a02, a03
+        acc[1, 0], acc[1, 1], acc[1, 2], acc[1, 3] = a10, a11, a12, a13
+        acc[2, 0], acc[2, 1], acc[2, 2], acc[2, 3] = a20, a21, a22, a23
+        acc[3, 0], acc[3, 1], acc[3, 2], acc[3, 3] = a30, a31, a32, a33
+        _dequant_tile(acc, xs, ws, out, m, n)
+
+
+@njit(inline="always", **_JIT)
+def _s8_rows_grain(g, args):
+    xq, xs, wq, ws, out = args
+    blocks = (out.shape[1] + 3) // 4
+    for nb in range(g * MATMUL_NT_GRAIN, min((g + 1) * MATMUL_NT_GRAIN, blocks)):
+        _s8_rows_block(xq, xs, wq, ws, out, nb)
+
+
+_s8_rows_loop = claim_loop(_s8_rows_grain)
+
+
+@njit(**_JIT)
+def matmul_s8_rows(xq, xs, wq, ws, out, state):  # xq [M, Kp] s8, xs [M], wq [N, Kp] s8, ws [N] -> out [M, N]; Kp <= S8_FLOAT_K; shared
+    fetch_add(state, SHARED_INSIDE, 1)
+    grains = ((out.shape[1] + 3) // 4 + MATMUL_NT_GRAIN - 1) // MATMUL_NT_GRAIN
+    _s8_rows_loop(state, SHARED_NEXT, grains, (xq, xs, wq, ws, out))
+    fetch_add(state, SHARED_INSIDE, -1)
+
+
+@intrinsic
+def _vnni_tile(typingctx, x0, x1, x2, x3, w, w_stride, kq, acc):
+    """The register block of matmul_s8_vnni, written in LLVM IR (Numba has no vector types):
+    acc[r, 16g + j] = sum_i u8(x_r[4i..4i+3]) . s8(w[g * w_stride + 64i + 4j ..]) for 4 token rows
+    x_r, 4 column groups g, i < kq; x_r are s8 rows, made u8 by flipping the top bit (x + 128).
+    Addresses are integers (`arr.ctypes.data`); acc is int32 [4, 64]."""
+    def codegen(context, builder, signature, args):
+        i8, i32, i64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
+        v16 = ir.VectorType(i32, VNNI_GROUP)
+        # The <16 x i32> operand form: LLVM 22 (llvmlite 0.46) declares <64 x i8> and upgrades this one.
+        dp = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16, [v16, v16, v16]),
+                                            "llvm.x86.avx512.vpdpbusd.512")
+        xs = [builder.inttoptr(a, i8.as_pointer()) for a in args[:4]]
+        wbase = builder.inttoptr(args[4], i8.as_pointer())
+        stride = context.cast(builder, args[5], signature.args[5], types.int64)
+        count = context.cast(builder, args[6], signature.args[6], types.int64)
+        cells = [[cgutils.alloca_once_value(builder, ir.Constant(v16, None)) for _ in range(VNNI_GROUPS)]
+                 for _ in range(VNNI_ROWS)]
+        flip = ir.Constant(i32, 0x80808080 - (1 << 32))
+        zeros = ir.Constant(ir.VectorType(i32, VNNI_GROUP), None)
+        with cgutils.for_range(builder, count) as loop:
+            i = loop.index
+            wv = []
+            for g in range(VNNI_GROUPS):
+                off = builder.add(builder.mul(ir.Constant(i64, g), stride), builder.mul(i, ir.Constant(i64, 64)))
+                ptr = builder.bitcast(builder.gep(wbase, [off]), v16.as_pointer())
+                wv.append(builder.load(ptr, align=1))
+            for r in range(VNNI_ROWS):
+                ptr = builder.bitcast(builder.gep(xs[r], [builder.mul(i, ir.Constant(i64, 4))]), i32.as_pointer())
+                word = builder.xor(builder.load(ptr, align=1), flip)
+                bcast = builder.shuffle_vector(builder.insert_element(zeros, word, ir.Constant(i32, 0)), zeros,
+                                               ir.Constant(ir.VectorType(i32, VNNI_GROUP), None))
+                for g in range(VNNI_GROUPS):
+                    cell = cells[r][g]
+                    builder.store(builder.call(dp, [builder.load(cell), bcast, wv[g]]), cell)
+        acc_type = signature.args[7]
+        acc_arr = context.make_array(acc_type)(context, builder, args[7])
+        base = builder.bitcast(acc_arr.data, i32.as_pointer())
+        for r in range(VNNI_ROWS):
+            for g in range(VNNI_GROUPS):
+                ptr = builder.bitcast(builder.gep(base, [ir.Constant(i64, r * VNNI_COLS + g * VNNI_GROUP)]),
+                                      v16.as_pointer())
+                builder.store(builder.load(cells[r][g]), ptr, align=4)
+        return context.get_dummy_value()
+    return types.void(x0, x1, x2, x3, w, w_stride, kq, acc), codegen
+
+
+@njit(inline="always", **_JIT)
+def _vnni_block(b, args):  # output columns 64b..64b+63 of every token
+    xq, xs, ws, wsum, out, acc, base_x, row_x, base_w, group_bytes, kq = args
+    m_count = xq.shape[0]
+    last = m_count - 1
+    w = base_w + b * VNNI_GROUPS * group_bytes
+    n0 = b * VNNI_COLS
+    n1 = min(n0 + VNNI_COLS, out.shape[1])
+    for m in range(0, m_count, VNNI_ROWS):
+        _vnni_tile(base_x + m * row_x, base_x + min(m + 1, last) * row_x,
+                   base_x + min(m + 2, last) * row_x, base_x + min(m + 3, last) * row_x,
+                   w, group_bytes, kq, acc)
+        for r in range(min(VNNI_ROWS, m_count - m)):   # slices from 0: a loop LLVM vectorises
+            c = xs[m + r]
+            o = out[m + r, n0:n1]
+            a = acc[r]
+            s = ws[n0:n1]
+            z = wsum[n0:n1]
+            for j in range(o.shape[0]):
+                o[j] = _dequant(np.float32(a[j] - z[j]), c, s[j])
+
+
+_vnni_loop = claim_loop(_vnni_block)
+
+
+@njit(**_JIT)
+def matmul_s8_vnni(xq, xs, wp, ws, wsum, out, state):
+    """xq [M, Kp] s8, xs [M], wp [Np/16, Kp/4, 16, 4] s8 (column n = 16 g + j at wp[g, :, j]),
+    ws [N], wsum [N] int32 = 128 * sum_k w[n, k] -> out [M, N]; shared over blocks of 64 columns.
+    Every register block reads 4 token rows (the last repeated past M) and 4 column groups."""
+    fetch_add(state, SHARED_INSIDE, 1)
+    kq = wp.shape[1]
+    acc = np.empty((VNNI_ROWS, VNNI_COLS), np.int32)   # this thread's register block, stored
+    args = (xq, xs, ws, wsum, out, acc, np.int64(xq.ctypes.data),   # int64: uintp + int64 would be a float
+            np.int64(xq.strides[0]), np.int64(wp.ctypes.data), kq * VNNI_GROUP * 4, kq)
+    _vnni_loop(state, SHARED_NEXT, wp.shape[0] // VNNI_GROUPS, args)
+    fetch_add(state, SHARED_INSIDE, -1)
+
+
+def host_features() -> frozenset:
+    """The CPU features LLVM compiles the kernels for (llvmlite's reading of this CPU)."""
+    import llvmlite.binding as llvm
+    return frozenset(k for k, v in llvm.get_host_cpu_features().items() if v)
+
+
+# int8 product -> the CPU feature it needs (None: any CPU), fastest first; quant.py picks from here
+INT8_FEATURE = {matmul_s8_vnni: "avx512vnni", matmul_s8_rows: None}
+
+
+def int8_kernels() -> list:
+    """-> the int8 products this CPU runs, fastest first."""
+    have = host_features()
+    return [k for k, feature in INT8_FEATURE.items() if feature is None or feature in have]
+
+
+# ---------------------------------------------------------------------------------------------
 # Registry: every shared kernel, with the size from which helpers join it and what to compile for
 # ---------------------------------------------------------------------------------------------
 # Offering a share costs the caller a queue put; a helper that wakes for a kernel too small to
@@ -608,6 +860,9 @@ _SHARED = {  # kernel -> first-argument size from which helpers are offered a sh
     layer_norm: 256 * 768,
     masked_softmax_: 12 * 128 * 128,
     gelu_: 16 * 3072,
+    quantize_rows: 256 * 768,       # as LayerNorm: one pass over each row
+    matmul_s8_rows: 2 * 768,        # as matmul_nt
+    matmul_s8_vnni: 2 * 768,
 }
 
 
@@ -622,14 +877,21 @@ def _example_calls() -> dict:
         return a
 
     kinds = (ro, lambda a: a)
-    return {
+    calls = {
         gelu_: [(np.ones((2, 4), f32),)],
         layer_norm: [(x, k(np.ones(4, f32)), k(np.zeros(4, f32)), f32(1e-12), np.empty_like(x)) for k in kinds],
         masked_softmax_: [(np.ones((1, 1, 2, 2), f32), np.zeros((1, 2), f32), f32(1.0))],
         matmul_nt: [(x, k(np.ones((3, 4), f32)), np.empty((2, 3), f32)) for k in kinds],
         fff_walk: [(x, k(np.ones((3, 4), f32)), k(np.zeros(3, f32)), k(np.ones((3, 4), f32)), 1,
                     np.empty_like(x), np.empty((2, 2), np.int32), np.empty((2, 2), f32)) for k in kinds],
+        quantize_rows: [(k(np.ones((2, 4), f32)), np.empty((2, 4), np.int8), np.empty(2, f32)) for k in kinds],
+        matmul_s8_rows: [(np.ones((2, 4), np.int8), np.ones(2, f32), k(np.ones((3, 4), np.int8)), k(np.ones(3, f32)),
+                          np.empty((2, 3), f32)) for k in kinds],
     }
+    if matmul_s8_vnni in int8_kernels():   # never compiled where its instruction does not exist
+        calls[matmul_s8_vnni] = [(np.ones((2, 4), np.int8), np.ones(2, f32), k(np.ones((4, 1, 16, 4), np.int8)),
+                                  k(np.ones(3, f32)), k(np.zeros(3, np.int32)), np.empty((2, 3), f32)) for k in kinds]
+    return calls
 
 
 def warmup() -> None:

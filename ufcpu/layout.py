@@ -34,8 +34,11 @@ TOKENIZER_FILE = "tokenizer.json"
 SOURCE_CONFIG = "config.json"
 SOURCE_WEIGHTS = ("model.safetensors", "pytorch_model.bin", "model.pth", "pytorch_model.pth")
 SOURCE_COPIED = (TOKENIZER_FILE, "tokenizer_config.json", "special_tokens_map.json", SOURCE_CONFIG)
-# What a conversion writes into an engine folder: nothing else in it is ufcpu's to replace.
-WRITTEN_FILES = (WEIGHTS_FILE, *SOURCE_COPIED, CONFIG_FILE)
+# Written beside the engine on its first int8 load (ufcpu/quant.py), one per int8 product.
+INT8_PRODUCTS = ("avx512_vnni", "portable")
+INT8_FILES = tuple(f"engine-int8-{p}.safetensors" for p in INT8_PRODUCTS)
+# What ufcpu writes into an engine folder: nothing else in it is ufcpu's to replace.
+WRITTEN_FILES = (WEIGHTS_FILE, *SOURCE_COPIED, CONFIG_FILE, *INT8_FILES)
 
 Shape = Callable[[Config], tuple]
 

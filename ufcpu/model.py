@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-from . import kernels, threads
+from . import kernels, quant, threads
 from .config import Config
 from .weights import Layer, Weights
 
@@ -58,8 +58,10 @@ def key_bias(mask: np.ndarray) -> np.ndarray:  # [B, S] of 0/1 -> [B, S] additiv
 SMALL_PRODUCT_TOKENS = 128
 
 
-def linear(x: np.ndarray, w: np.ndarray) -> np.ndarray:  # [M, K], [N, K] (as torch's Linear) -> [M, N]
-    """x @ w.T"""
+def linear(x: np.ndarray, w) -> np.ndarray:  # [M, K], [N, K] (as torch's Linear) -> [M, N]
+    """x @ w.T; w a float32 array, or a quant.QLinear (int8 precision)"""
+    if isinstance(w, quant.QLinear):
+        return quant.linear(x, w)
     if not 2 <= x.shape[0] <= SMALL_PRODUCT_TOKENS:
         return x @ w.T
     out = np.empty((x.shape[0], w.shape[0]), f32)

@@ -47,6 +47,7 @@ class Weights:
     pooler_b: np.ndarray | None = None   # [cls_dense_width]
     head_w: np.ndarray | None = None     # [C, cls_dense_width or H]
     head_b: np.ndarray | None = None     # [C]
+    decoder: object | None = None        # int8 precision: the MLM decoder, a quant.QLinear of word
 
 
 @dataclasses.dataclass(frozen=True)
