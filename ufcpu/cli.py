@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--resume", action="store_true", help="with --input: continue an interrupted run, appending to -o")
     e.add_argument("--window", type=positive_int, default=1024,
                    help="texts read at a time and sorted by length into batches (default 1024)")
+    e.add_argument("--chunk-tokens", type=positive_int, default=None, metavar="N",
+                   help="long texts as overlapping windows of N tokens, averaged by token count (default: cut at 128)")
+    e.add_argument("--stride", type=int, default=None, metavar="M", help="with --chunk-tokens: tokens a window shares with the one before (default 0)")
 
     f = sub.add_parser("fill-mask", help="predict the <mask> (or [MASK]) token(s) of a text")
     _model_args(f)
@@ -142,7 +145,19 @@ def _as_json(a: np.ndarray) -> list:
     return a.tolist()
 
 
+def _vectors(model, texts: Iterable[str], args) -> Iterator[np.ndarray]:
+    if args.chunk_tokens is None:
+        return model.encode_iter(texts, args.pooling, args.normalize, args.batch_size, args.window)
+    it = iter(texts)
+    return (v for chunk in iter(lambda: list(itertools.islice(it, args.window)), [])
+            for v in model.encode(chunk, args.pooling, args.normalize, args.batch_size, args.chunk_tokens, args.stride or 0))
+
+
 def cmd_encode(args) -> int:
+    if args.stride is not None and args.chunk_tokens is None:
+        raise UfcpuError("--stride needs --chunk-tokens N")
+    if args.input is not None and args.chunk_tokens is not None:
+        raise UfcpuError("--chunk-tokens applies to texts from arguments or stdin, not to --input FILE")
     if args.input is not None:
         from . import corpus
         if args.texts:
@@ -172,12 +187,12 @@ def cmd_encode(args) -> int:
         if args.format == "npy":
             from .npy_stream import NpyRowWriter
             with NpyRowWriter(args.output, model.config.hidden) as w:
-                for vec in _progress(model.encode_iter(texts, args.pooling, args.normalize, args.batch_size, args.window), "text"):
+                for vec in _progress(_vectors(model, texts, args), "text"):
                     w.write(vec)
             log.info("wrote %d x %d float32 to %s", w.rows, model.config.hidden, args.output)
             return 0
         t1, t2 = itertools.tee(texts)
-        vecs = _progress(model.encode_iter(t1, args.pooling, args.normalize, args.batch_size, args.window), "text")
+        vecs = _progress(_vectors(model, t1, args), "text")
         if args.format == "jsonl":
             for text, vec in zip(t2, vecs):
                 out.write(json.dumps({"text": text, "embedding": _as_json(vec)}) + "\n")

@@ -147,10 +147,14 @@ class Model:
     # --- sentence embeddings -----------------------------------------------------------------------
 
     def encode(self, texts: str | Sequence[str], pooling: str = "mean", normalize: bool = False,
-               batch_size: int = 32):
+               batch_size: int = 32, chunk_tokens: int | None = None, stride: int = 0):
         """-> float32 [n, H] ([H] for one str); pooling "mean" (real tokens), "first", or "none"
         (a list of [n_i, H] arrays, each text's real tokens). A text's vectors do not depend on
-        what else is in the batch."""
+        what else is in the batch. chunk_tokens=N: long texts as overlapping windows of N tokens
+        sharing `stride` tokens, averaged by token count (ufcpu/chunking.py)."""
+        if chunk_tokens is not None:
+            from . import chunking
+            return chunking.encode(self, texts, chunk_tokens, stride, pooling, normalize, batch_size)
         single = isinstance(texts, str)
         items = _as_list(texts)
         if pooling not in (*heads.SENTENCE_POOLING, "none"):
