@@ -71,6 +71,10 @@ class PieceTokenizer:
                 for i, t, s, (a, b) in zip(enc.ids, enc.tokens, enc.special_tokens_mask, enc.offsets)]
 
 
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+
 def split_pieces(text: str, piece_chars: int) -> Iterator[str]:
     """Consecutive pieces of at most piece_chars characters, each ending at whitespace when the
     piece holds any; their concatenation is the text."""

@@ -91,6 +91,20 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="config, files, cache paths and threads")
     _model_args(i)
 
+    s = sub.add_parser("serve", help="HTTP server: TEI routes (/embed, ...) and OpenAI /v1/embeddings (needs ufcpu[server])")
+    _model_args(s)
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")
+    s.add_argument("--port", type=positive_int, default=8080)
+    s.add_argument("--max-batch-tokens", type=positive_int, default=4096, help="tokens per model batch (default 4096)")
+    s.add_argument("--max-concurrent-requests", type=positive_int, default=512, help="requests in flight before 429 (default 512)")
+    s.add_argument("--max-client-batch-size", type=positive_int, default=32, help="inputs per request before 413 (default 32)")
+    s.add_argument("--payload-limit", type=positive_int, default=2_000_000, help="body bytes before 413 (default 2000000)")
+    s.add_argument("--max-wait-ms", type=float, default=2.0, help="wait after a lone request for others to batch with (default 2)")
+    s.add_argument("--api-key", default=os.environ.get("UFCPU_API_KEY"), help="require 'Authorization: Bearer KEY' (default $UFCPU_API_KEY)")
+    s.add_argument("--auto-truncate", action="store_true", help="cut inputs past 128 tokens instead of answering 422")
+    s.add_argument("--pooling", choices=("mean", "first"), default="mean")
+    s.add_argument("--served-model-name", default=None, help="model id in /info and OpenAI answers (default: --model)")
+
     w = sub.add_parser("warmup", help="compile the kernels and store them in Numba's cache")
     w.add_argument("--model", "-m", default=None, help="also run one forward pass of this model")
     return p
@@ -291,7 +305,15 @@ def cmd_warmup(args) -> int:
     return 0
 
 
-COMMANDS = {"encode": cmd_encode, "fill-mask": cmd_fill_mask, "classify": cmd_classify,
+def cmd_serve(args) -> int:
+    try:
+        from .serve import serve
+    except ImportError as e:
+        raise UfcpuError(f"ufcpu serve needs the server extra ({e.name} is missing): pip install \"ufcpu[server]\"") from None
+    return serve(args)
+
+
+COMMANDS = {"serve": cmd_serve, "encode": cmd_encode, "fill-mask": cmd_fill_mask, "classify": cmd_classify,
             "convert": cmd_convert, "info": cmd_info, "warmup": cmd_warmup}
 
 
