@@ -222,6 +222,15 @@ def token_ids(model, texts: list[str], truncate: bool, left: bool) -> list[np.nd
     return ids
 
 
+INLINE_CHARS = 8192   # tokenizing this much takes well under a millisecond: not worth a thread handoff
+
+
+async def off_loop(chars: int, fn, *args):
+    """fn(*args) in a worker thread, or inline for short texts (each handoff to another thread
+    costs a scheduler wake-up, which is most of a short request's latency on a busy machine)."""
+    return fn(*args) if chars <= INLINE_CHARS else await run_in_threadpool(fn, *args)
+
+
 def finish(vecs: np.ndarray, dimensions: int | None, normalize: bool) -> np.ndarray:  # [n, H] -> [n, d]
     if dimensions is not None:
         vecs = vecs[:, :dimensions]
@@ -236,7 +245,7 @@ async def _embed(request: Request, st: State, pooling: str) -> tuple[Any, dict]:
         done = await st.worker.call(lambda m: m.encode(req.texts, pooling, chunk_tokens=req.chunk_tokens,
                                                        stride=req.stride))
         return finish(done.value, req.dimensions, req.normalize), timed(request, done, len(req.texts), 0)
-    ids = await run_in_threadpool(token_ids, model, req.texts, req.truncate, req.left)
+    ids = await off_loop(sum(map(len, req.texts)), token_ids, model, req.texts, req.truncate, req.left)
     done = await st.worker.embed(ids, pooling)
     headers = timed(request, done, len(ids), sum(len(x) for x in ids))
     if pooling == "none":
@@ -257,16 +266,21 @@ async def embed_all(request: Request, st: State) -> Response:
 async def openai_embeddings(request: Request, st: State) -> Response:
     model, req = st.model, schema.openai_embed(await read_json(request, st), st.limits)
     ids = ([np.asarray(s, np.int64) for s in req.ids] if req.ids is not None else
-           await run_in_threadpool(token_ids, model, req.texts, st.settings.auto_truncate, False))
+           await off_loop(sum(map(len, req.texts)), token_ids, model, req.texts, st.settings.auto_truncate, False))
     done = await st.worker.embed(ids, st.settings.pooling)
     vecs = finish(np.stack(done.value), req.dimensions, True)
     tokens = sum(len(x) for x in ids)
+    return JSONResponse(openai_body(vecs, req, tokens, st.settings.model_id),
+                        headers=timed(request, done, len(ids), tokens))
+
+
+def openai_body(vecs: np.ndarray, req: schema.OpenAIEmbed, tokens: int, model_id: str) -> dict:
+    """OpenAI's embeddings answer; base64 is the little-endian float32 bytes of each vector."""
     as_b64 = lambda v: base64.b64encode(v.astype("<f4").tobytes()).decode("ascii")   # noqa: E731
     data = [{"object": "embedding", "index": i, "embedding": as_b64(v) if req.base64 else v.tolist()}
             for i, v in enumerate(vecs)]
-    return JSONResponse({"object": "list", "data": data, "model": req.model or st.settings.model_id,
-                         "usage": {"prompt_tokens": tokens, "total_tokens": tokens}},
-                        headers=timed(request, done, len(ids), tokens))
+    return {"object": "list", "data": data, "model": req.model or model_id,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
 
 def _need(model, task: str, route: str) -> None:
