@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         for mode, size in MODES.items():
             for c in clients:
                 total = (8 if args.smoke else 256) // size or (1 if args.smoke else 4)
-                per_client = max(1 if args.smoke else 2, total // c)
+                per_client = max(1 if args.smoke or size > 1 else 2, total // c)
                 p = asyncio.run(load(httpx, url, c, per_client, texts, size))
                 p["mode"] = mode
                 points.append(p)

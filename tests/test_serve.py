@@ -183,6 +183,9 @@ def test_tokenize_and_decode(mlm):
     ids = [t["id"] for t in first]
     assert post(mlm, "/decode", {"ids": ids}).json() == [m.tokenizer.decode(ids)]
     assert post(mlm, "/decode", {"ids": [ids], "skip_special_tokens": False}).json()[0].endswith("<sep>")
+    long = post(mlm, "/tokenize", {"inputs": long_text(300)}).json()[0]
+    assert len(long) == 128 and long[-1]["text"] == "<sep>" and sum(t["special"] for t in long) == 1
+    assert [t["id"] for t in long] == list(m.tokenizer.encode_ids([long_text(300)])[0][0])
 
 
 def test_fill_mask_route(mlm):

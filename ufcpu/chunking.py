@@ -60,13 +60,12 @@ class PieceTokenizer:
     def encode_detail(self, text: str, max_len: int, add_special_tokens: bool = True) -> list[dict]:
         """-> [{"id", "text", "special", "start", "stop"}] for one text, cut to max_len tokens
         (keeping the final special tokens), with character offsets into the text."""
-        self._tok.enable_truncation(max_length=max_len)
-        try:
-            enc = self._tok.encode(text, add_special_tokens=add_special_tokens)
+        try:   # truncated before the special tokens are added; the shared tokenizer is never reconfigured
+            enc = self._tok.encode(text, add_special_tokens=False)
+            enc.truncate(max_len - (self.n_special if add_special_tokens else 0))
+            enc = self._tok.post_process(enc, add_special_tokens=add_special_tokens)
         except Exception as e:
             raise InputError(f"the tokenizer refused the text: {str(e).splitlines()[0]}") from None
-        finally:
-            self._tok.no_truncation()
         return [{"id": i, "text": t, "special": bool(s), "start": a, "stop": b}
                 for i, t, s, (a, b) in zip(enc.ids, enc.tokens, enc.special_tokens_mask, enc.offsets)]
 

@@ -35,7 +35,10 @@ from .schema import ApiError, invalid
 
 log = logging.getLogger("ufcpu.serve")
 DEFAULT_MODEL = "pbelcak/UltraFastBERT-1x11-long"
-UNGATED = ("/health", "/metrics")      # probes and scrapes are never refused for load
+UNGATED = ("/health", "/metrics")
+# Longer than clients' pools keep idle connections: a server closing one as a client reuses it
+# fails that request (uvicorn's default is 5 s).
+KEEP_ALIVE_S = 75      # probes and scrapes are never refused for load
 
 
 @dataclasses.dataclass
@@ -120,7 +123,7 @@ class Gate:
         st, path = self.state, scope["path"]
         t0 = time.perf_counter()
         note = scope["ufcpu"] = {"inputs": 0, "tokens": 0, "queue_s": 0.0, "compute_s": 0.0}
-        status = [500]
+        status = [499]   # what is logged when the client went away before any answer
 
         async def send_status(message):
             if message["type"] == "http.response.start":
@@ -238,7 +241,7 @@ def finish(vecs: np.ndarray, dimensions: int | None, normalize: bool) -> np.ndar
 
 
 async def _embed(request: Request, st: State, pooling: str) -> tuple[Any, dict]:
-    model, req = st.model, schema.embed(await read_json(request, st), st.limits)
+    model, req = st.model, schema.embed(await read_json(request, st), st.limits, normalize=pooling != "none")
     if req.chunk_tokens is not None:
         if pooling == "none":
             raise invalid("`chunk_tokens` applies to /embed, not to per-token /embed_all")
@@ -423,7 +426,8 @@ def run(settings: Settings) -> int:
     """Serve until SIGTERM/SIGINT -> exit code (2 when the model cannot be loaded)."""
     app, state = build_app(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
-                            lifespan="on", timeout_graceful_shutdown=None)
+                            lifespan="on", timeout_graceful_shutdown=None,
+                            timeout_keep_alive=KEEP_ALIVE_S)
     server = Server(config, state)
 
     def failed(message: str) -> None:

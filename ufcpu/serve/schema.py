@@ -108,9 +108,10 @@ class Embed:
 DIRECTIONS = {"right": False, "left": True, "Right": False, "Left": True}
 
 
-def embed(body: dict, limits: Limits) -> Embed:
+def embed(body: dict, limits: Limits, normalize: bool = True) -> Embed:
     """TEI /embed and /embed_all: {"inputs", "normalize", "truncate", "truncation_direction",
-    "dimensions"}, plus ufcpu's "chunk_tokens" and "stride" for long documents."""
+    "dimensions"}, plus ufcpu's "chunk_tokens" and "stride" for long documents. normalize: the
+    default (TEI normalizes /embed, not /embed_all)."""
     direction = field(body, "truncation_direction", "str", "right")
     if direction not in DIRECTIONS:
         raise invalid(f"`truncation_direction` must be \"right\" or \"left\", got {direction!r}")
@@ -118,7 +119,7 @@ def embed(body: dict, limits: Limits) -> Embed:
     stride = field(body, "stride", "int", 0)
     if body.get("stride") is not None and chunk is None:
         raise invalid("`stride` needs `chunk_tokens`")
-    return Embed(texts(body, "inputs", limits), field(body, "normalize", "bool", True),
+    return Embed(texts(body, "inputs", limits), field(body, "normalize", "bool", normalize),
                  field(body, "truncate", "bool", limits.auto_truncate), DIRECTIONS[direction],
                  _positive(body, "dimensions", None, limits.hidden), chunk, stride)
 
