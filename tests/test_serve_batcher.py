@@ -7,10 +7,13 @@ import asyncio
 import numpy as np
 import pytest
 
-from conftest import load_fixture
-from ufcpu.errors import InputError
-from ufcpu.serve.batcher import Worker
-from ufcpu.serve.metrics import Metrics
+pytest.importorskip("starlette")      # ufcpu.serve needs the server extra
+pytest.importorskip("uvicorn")
+
+from conftest import load_fixture  # noqa: E402
+from ufcpu.errors import InputError  # noqa: E402
+from ufcpu.serve.batcher import Worker  # noqa: E402
+from ufcpu.serve.metrics import Metrics  # noqa: E402
 
 TEXTS = ["one", "two words", "a sentence of several words", "x y z", "the capital of France is Paris", "b"]
 
