@@ -18,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -151,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     log(f"offline encode: {off['texts_per_s']:.0f} texts/s")
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    log_path = args.out / "serve-server.log"
+    log_path = Path(tempfile.mkdtemp(prefix="ufcpu-bench-serve-")) / "server.log"   # shown if the server fails
     proc = start_server(model_dir, threads, port, log_path)
     points = []
     try:
