@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--resume", action="store_true", help="with --input: continue an interrupted run, appending to -o")
     e.add_argument("--window", type=positive_int, default=1024,
                    help="texts read at a time and sorted by length into batches (default 1024)")
+    e.add_argument("--chunk-tokens", type=positive_int, default=None, metavar="N",
+                   help="long texts as overlapping windows of N tokens, averaged by token count (default: cut at 128)")
+    e.add_argument("--stride", type=int, default=None, metavar="M", help="with --chunk-tokens: tokens a window shares with the one before (default 0)")
 
     f = sub.add_parser("fill-mask", help="predict the <mask> (or [MASK]) token(s) of a text")
     _model_args(f)
@@ -97,6 +100,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("info", help="config, files, cache paths and threads")
     _model_args(i)
+
+    s = sub.add_parser("serve", help="HTTP server: TEI routes (/embed, ...) and OpenAI /v1/embeddings (needs ufcpu[server])")
+    _model_args(s)
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")
+    s.add_argument("--port", type=positive_int, default=8080)
+    s.add_argument("--max-batch-tokens", type=positive_int, default=4096, help="tokens per model batch (default 4096)")
+    s.add_argument("--max-concurrent-requests", type=positive_int, default=512, help="requests in flight before 429 (default 512)")
+    s.add_argument("--max-client-batch-size", type=positive_int, default=32, help="inputs per request before 413 (default 32)")
+    s.add_argument("--payload-limit", type=positive_int, default=2_000_000, help="body bytes before 413 (default 2000000)")
+    s.add_argument("--max-wait-ms", type=float, default=2.0, help="wait after a lone request for others to batch with (default 2)")
+    s.add_argument("--api-key", default=os.environ.get("UFCPU_API_KEY"), help="require 'Authorization: Bearer KEY' (default $UFCPU_API_KEY)")
+    s.add_argument("--auto-truncate", action="store_true", help="cut inputs past 128 tokens instead of answering 422")
+    s.add_argument("--pooling", choices=("mean", "first"), default="mean")
+    s.add_argument("--served-model-name", default=None, help="model id in /info and OpenAI answers (default: --model)")
 
     w = sub.add_parser("warmup", help="compile the kernels and store them in Numba's cache")
     w.add_argument("--model", "-m", default=None, help="also run one forward pass of this model")
@@ -145,6 +162,10 @@ def _stream_format(args) -> str:
 
 def cmd_encode(args) -> int:
     from . import corpus
+    if args.stride is not None and args.chunk_tokens is None:
+        raise UfcpuError("--stride needs --chunk-tokens N")
+    if args.input is not None and args.chunk_tokens is not None:
+        raise UfcpuError("--chunk-tokens applies to texts from arguments or stdin, not to --input FILE")
     if args.input is not None:
         if args.texts:
             raise UfcpuError("give texts either as arguments or with --input FILE, not both")
@@ -173,7 +194,8 @@ def cmd_encode(args) -> int:
     chunks = windows(args.texts or textio.stdin_texts(), args.window)
     writer = writer_cls(Path(args.output) if args.output else None, model.config.hidden, False)
     n = corpus.encode_stream(model, chunks, writer, args.pooling, args.normalize, args.batch_size,
-                             progress=sys.stderr.isatty(), where=None if args.texts else "stdin")
+                             progress=sys.stderr.isatty(), where=None if args.texts else "stdin",
+                             chunk_tokens=args.chunk_tokens, stride=args.stride or 0)
     if args.output:
         log.info("wrote %d rows (%s, width %d) to %s", n, fmt, model.config.hidden, args.output)
     return 0
@@ -332,7 +354,15 @@ def cmd_warmup(args) -> int:
     return 0
 
 
-COMMANDS = {"encode": cmd_encode, "fill-mask": cmd_fill_mask, "classify": cmd_classify,
+def cmd_serve(args) -> int:
+    try:
+        from .serve import serve
+    except ImportError as e:
+        raise UfcpuError(f"ufcpu serve needs the server extra ({e.name} is missing): pip install \"ufcpu[server]\"") from None
+    return serve(args)
+
+
+COMMANDS = {"serve": cmd_serve, "encode": cmd_encode, "fill-mask": cmd_fill_mask, "classify": cmd_classify,
             "convert": cmd_convert, "cache": cmd_cache, "info": cmd_info, "warmup": cmd_warmup}
 
 

@@ -192,9 +192,10 @@ def _window_error(e: InputError, where: str | None, first_row: int, n: int) -> I
 
 
 def _encode_window(model, chunk: list[str], first_row: int, where: str | None, summary: Summary,
-                   pooling: str, normalize: bool, batch_size: int):
+                   pooling: str, normalize: bool, batch_size: int, chunk_tokens: int | None = None,
+                   stride: int = 0):
     try:
-        vecs, report = model.encode_report(chunk, pooling, normalize, batch_size)
+        vecs, report = model.encode_report(chunk, pooling, normalize, batch_size, chunk_tokens, stride)
     except InputError as e:
         raise _window_error(e, where, first_row, len(chunk)) from None
     summary.add(report, first_row)
@@ -202,17 +203,20 @@ def _encode_window(model, chunk: list[str], first_row: int, where: str | None, s
 
 
 def encode_stream(model, chunks: Iterable[list[str]], writer, pooling: str = "mean", normalize: bool = False,
-                  batch_size: int = 32, progress: bool = False, where: str | None = None) -> int:
+                  batch_size: int = 32, progress: bool = False, where: str | None = None,
+                  chunk_tokens: int | None = None, stride: int = 0) -> int:
     """Encode windows of texts into a textio writer, in order; warn once at the end about truncated,
-    empty or NaN/inf texts. `where` names the input in errors ("stdin"; None: items of a list).
-    -> rows written. The writer is closed (complete only if every window was written)."""
+    empty or NaN/inf texts. `where` names the input in errors ("stdin"; None: items of a list);
+    chunk_tokens, stride: long texts as windows of tokens (Model.encode). -> rows written. The
+    writer is closed (complete only if every window was written)."""
     summary = Summary()
     bar = textio.progress_bar(progress)
     complete = False
     n = 0
     try:
         for chunk in chunks:
-            vecs = _encode_window(model, chunk, n, where, summary, pooling, normalize, batch_size)
+            vecs = _encode_window(model, chunk, n, where, summary, pooling, normalize, batch_size,
+                                  chunk_tokens, stride)
             writer.write(chunk, vecs)
             bar.update(len(chunk))
             n += len(chunk)

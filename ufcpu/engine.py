@@ -157,19 +157,25 @@ class Model:
     # --- sentence embeddings -----------------------------------------------------------------------
 
     def encode(self, texts: str | Sequence[str], pooling: str = "mean", normalize: bool = False,
-               batch_size: int = 32):
+               batch_size: int = 32, chunk_tokens: int | None = None, stride: int = 0):
         """-> float32 [n, H] ([H] for one str); pooling "mean" (real tokens), "first", or "none"
         (a list of [n_i, H] arrays, each text's real tokens). A text's vectors do not depend on
-        what else is in the batch. Truncated, empty and NaN/inf items are warned about, once per call."""
+        what else is in the batch. Truncated, empty and NaN/inf items are warned about, once per call.
+        chunk_tokens=N: long texts as overlapping windows of N tokens sharing `stride` tokens,
+        averaged by token count (ufcpu/chunking.py)."""
         single = isinstance(texts, str)
-        out, report = self.encode_report(_as_list(texts), pooling, normalize, batch_size)
+        out, report = self.encode_report(_as_list(texts), pooling, normalize, batch_size, chunk_tokens, stride)
         report.warn(self.config.max_seq)
         return out[0] if single else out
 
     def encode_report(self, items: list, pooling: str = "mean", normalize: bool = False,
-                      batch_size: int = 32) -> tuple[np.ndarray | list, Report]:
+                      batch_size: int = 32, chunk_tokens: int | None = None,
+                      stride: int = 0) -> tuple[np.ndarray | list, Report]:
         """encode() on a list, without warnings: -> (float32 [n, H], or a list of [n_i, H] for
         pooling "none"; the Report of which items were truncated, empty or not finite)."""
+        if chunk_tokens is not None:   # windows over all of each text: nothing is truncated
+            from . import chunking
+            return chunking.encode(self, items, chunk_tokens, stride, pooling, normalize, batch_size), Report()
         pool = heads.POOLING[heads.pooling_name(pooling)]
         ragged = heads.pooling_name(pooling) in heads.RAGGED_POOLING
         _check_flag("normalize", normalize)
