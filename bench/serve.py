@@ -28,7 +28,7 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from common import fmt, log  # noqa: E402
-from encoder import random_checkpoint  # noqa: E402
+from common import random_checkpoint  # noqa: E402
 
 WORDS = ("the a of to and in is was for on that with as by at from it an be this are which or his her "
          "city river model paris france capital music history science water energy people language "

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import load_fixture
-from ufcpu.engine import token_budget_batches
+from ufcpu.tokenizer import token_budget_batches
 
 
 @settings(max_examples=200, deadline=None)

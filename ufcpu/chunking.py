@@ -16,9 +16,8 @@ import numpy as np
 from tokenizers import Tokenizer as _HFTokenizer
 
 from . import heads
-from .engine import token_budget_batches
 from .errors import InputError
-from .tokenizer import pad
+from .tokenizer import pad, token_budget_batches
 
 f32 = np.float32
 PIECE_CHARS = 1 << 16            # characters tokenized at a time

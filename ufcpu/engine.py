@@ -19,7 +19,7 @@ from . import threads as _threads
 from .config import Config
 from .errors import InputError, InputTypeError
 from .textio import windows
-from .tokenizer import Report, Summary, pad
+from .tokenizer import Report, Summary, pad, token_budget_batches
 from .weights import Checked, open_engine
 
 log = logging.getLogger("ufcpu")
@@ -297,19 +297,6 @@ class Model:
                 label, score = names[best], float(p[best])
             res.append({"label": label, "score": score, "probabilities": [float(x) for x in p]})
         return res
-
-
-def token_budget_batches(sorted_lengths: np.ndarray, budget: int) -> Iterator[slice]:
-    """Cut ascending lengths into consecutive slices whose padded size (count x longest) stays
-    within budget tokens; each slice holds at least one item."""
-    start = 0
-    n = len(sorted_lengths)
-    while start < n:
-        end = start + 1
-        while end < n and (end + 1 - start) * sorted_lengths[end] <= budget:
-            end += 1
-        yield slice(start, end)
-        start = end
 
 
 def _check_positive(name: str, v) -> None:

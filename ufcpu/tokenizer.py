@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 from tokenizers import Tokenizer as _HFTokenizer
@@ -238,3 +238,16 @@ def pad(ids: list[np.ndarray], pad_id: int, truncated: list[int] | None = None) 
         out[i, :len(x)] = x
         mask[i, :len(x)] = 1
     return Batch(out, mask, list(truncated or []))
+
+
+def token_budget_batches(sorted_lengths: np.ndarray, budget: int) -> Iterator[slice]:
+    """Cut ascending lengths into consecutive slices whose padded size (count x longest) stays
+    within budget tokens; each slice holds at least one item."""
+    start = 0
+    n = len(sorted_lengths)
+    while start < n:
+        end = start + 1
+        while end < n and (end + 1 - start) * sorted_lengths[end] <= budget:
+            end += 1
+        yield slice(start, end)
+        start = end

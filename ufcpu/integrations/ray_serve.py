@@ -19,7 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from .. import heads
-from ..engine import token_budget_batches
+from ..tokenizer import token_budget_batches
 from ..errors import UfcpuError
 from ..serve import schema
 from ..serve.app import DEFAULT_MODEL, error_response, finish, openai_body, token_ids

@@ -22,7 +22,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .. import heads
-from ..engine import token_budget_batches
+from ..tokenizer import token_budget_batches
 from ..tokenizer import pad
 
 log = logging.getLogger("ufcpu.serve")
