@@ -67,6 +67,20 @@ def test_a_second_run_on_a_locked_output_refuses_and_touches_nothing(tmp_path):
     assert out.read_bytes() == before
 
 
+@pytest.mark.parametrize("fmt", ["npy", "jsonl"])
+def test_a_stream_to_a_locked_output_refuses_and_touches_nothing(tmp_path, fmt):
+    """Texts from arguments or stdin with -o take the same lock (and leave the same record)."""
+    out = tmp_path / f"out.{fmt}"
+    cli("encode", "-m", MODEL, *ONE_THREAD, "-o", str(out), "one", "two")
+    assert json.loads(corpus.record_path(out).read_text())["pooling"] == "mean"
+    before = out.read_bytes()
+    with open(corpus.record_path(out), "r+b") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        run = cli("encode", "-m", MODEL, *ONE_THREAD, "-o", str(out), "three", ok=False)
+        assert_one_line_error(run, f"out.{fmt}", "another ufcpu encode is writing it")
+    assert out.read_bytes() == before
+
+
 def test_two_processes_on_one_output_one_refuses(tmp_path):
     src = write_txt(tmp_path / "in.txt", corpus_lines(6000))
     out = tmp_path / "out.jsonl"

@@ -132,6 +132,17 @@ def test_embed_equals_encode(mlm):
         assert float(r.headers[h]) >= 0
 
 
+def test_int8_server_embeds_as_the_int8_model(tmp_path_factory):
+    for srv in _started(tmp_path_factory, "tiny-ufb", "--precision", "int8"):
+        assert post(srv, "/embed", {"inputs": "x"}).status_code == 200
+        assert httpx.get(srv.url + "/info", timeout=60).json()["precision"] == "int8"
+        r = post(srv, "/embed", {"inputs": TEXTS, "normalize": False})
+        assert r.status_code == 200, r.text
+        want = load_fixture("tiny-ufb", precision="int8").encode(TEXTS)
+        np.testing.assert_allclose(np.array(r.json()), want, atol=1e-5)
+        assert np.abs(want - model().encode(TEXTS)).max() > 1e-5   # int8, not float32, answered
+
+
 def test_embed_dimensions(mlm):
     got = np.array(post(mlm, "/embed", {"inputs": TEXTS[:2], "dimensions": 16}).json())
     full = model().encode(TEXTS[:2])[:, :16]

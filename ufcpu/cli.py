@@ -6,6 +6,7 @@ Results go to stdout (or -o); logs, warnings and progress go to stderr.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -192,10 +193,12 @@ def cmd_encode(args) -> int:
         raise UfcpuError("no TEXT given and nothing on stdin")
     model = _load(args)
     chunks = windows(args.texts or textio.stdin_texts(), args.window)
-    writer = writer_cls(Path(args.output) if args.output else None, model.config.hidden, False)
-    n = corpus.encode_stream(model, chunks, writer, args.pooling, args.normalize, args.batch_size,
-                             progress=sys.stderr.isatty(), where=None if args.texts else "stdin",
-                             chunk_tokens=args.chunk_tokens, stride=args.stride or 0)
+    output = Path(args.output) if args.output else None
+    with corpus.claimed_output(model, output, args.pooling, args.normalize) if output else contextlib.nullcontext():
+        writer = writer_cls(output, model.config.hidden, False)
+        n = corpus.encode_stream(model, chunks, writer, args.pooling, args.normalize, args.batch_size,
+                                 progress=sys.stderr.isatty(), where=None if args.texts else "stdin",
+                                 chunk_tokens=args.chunk_tokens, stride=args.stride or 0)
     if args.output:
         log.info("wrote %d rows (%s, width %d) to %s", n, fmt, model.config.hidden, args.output)
     return 0

@@ -270,6 +270,17 @@ def encode_corpus(model, input: str | Path, output: str | Path, field: str | Non
                             batch_size, progress, window)
 
 
+@contextlib.contextmanager
+def claimed_output(model, output: Path, pooling: str, normalize: bool):
+    """For a stream written to a file: hold the output's lock (a second run refuses at once) and
+    write its record, as encode_corpus does; an old output is replaced."""
+    with _locked_record(output) as fd:
+        if output.is_file():
+            output.unlink()
+        _write_record(fd, made_by(model, pooling, normalize, None))
+        yield
+
+
 def _resume_loop(model, it: Iterator[str], writer, input: Path, output: Path, counter: Callable[[Path], int],
                  pooling, normalize, batch_size, progress, window) -> int:
     done = writer.rows

@@ -47,6 +47,7 @@ class Settings:
     revision: str | None = None
     threads: int | None = None
     check: bool = False
+    precision: str = "float32"
     host: str = "127.0.0.1"
     port: int = 8080
     max_batch_tokens: int = 4096
@@ -331,7 +332,7 @@ async def decode(request: Request, st: State) -> Response:
 
 async def info(request: Request, st: State) -> Response:
     s = st.settings
-    body = {"model_id": s.model_id, "model_sha": None, "model_dtype": "float32", "precision": "float32",
+    body = {"model_id": s.model_id, "model_sha": None, "model_dtype": s.precision, "precision": s.precision,
             "max_concurrent_requests": s.max_concurrent_requests, "max_batch_tokens": s.max_batch_tokens,
             "max_batch_requests": None, "max_client_batch_size": s.max_client_batch_size,
             "auto_truncate": s.auto_truncate, "tokenization_workers": None, "version": _version()}
@@ -381,7 +382,7 @@ def build_app(settings: Settings, load: Callable[[], Any] | None = None) -> tupl
     if load is None:
         from .. import load as load_model
         load = lambda: load_model(settings.model, revision=settings.revision,   # noqa: E731
-                                  threads=settings.threads, check=settings.check)
+                                  threads=settings.threads, check=settings.check, precision=settings.precision)
     state = State(settings, load)
 
     @contextlib.asynccontextmanager
