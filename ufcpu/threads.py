@@ -136,6 +136,7 @@ class _BlasGate:
         self.users = users
         self.waiting: collections.Counter = collections.Counter()   # count -> callers waiting for it
         self.let_in = 0                     # waiters of the count just switched to, still to enter
+        self.queue: collections.deque = collections.deque()   # the waiting callers' counts, oldest first
 
     def _others_wait(self, n: int) -> bool:
         return any(c != n and k for c, k in self.waiting.items())
@@ -145,17 +146,21 @@ class _BlasGate:
             if (self.users == 0 or self.count == n) and not self._others_wait(n):
                 return self._enter(n)
             self.waiting[n] += 1
-            while True:
-                self.cond.wait(0.5)                       # (a timeout only re-checks)
-                if self.users == 0:                       # the gate is free: switch to n
-                    self.waiting[n] -= 1
-                    self.let_in = self.waiting[n]         # and let in who waited for n with us
-                    self.cond.notify_all()
-                    return self._enter(n)
-                if self.count == n and (self.let_in > 0 or not self._others_wait(n)):
-                    self.waiting[n] -= 1
-                    self.let_in = max(0, self.let_in - 1)
-                    return self._enter(n)
+            self.queue.append(n)
+            try:
+                while True:
+                    # A free gate switches to the count its oldest waiter needs, whoever wakes first.
+                    if self.users == 0 and self.queue[0] == n:
+                        self.let_in = self.waiting[n] - 1   # and lets in who waited for n with it
+                        self.cond.notify_all()
+                        return self._enter(n)
+                    if self.users and self.count == n and (self.let_in > 0 or not self._others_wait(n)):
+                        self.let_in = max(0, self.let_in - 1)
+                        return self._enter(n)
+                    self.cond.wait(0.5)                     # (a timeout only re-checks)
+            finally:
+                self.waiting[n] -= 1
+                self.queue.remove(n)                        # callers of one count are interchangeable
 
     def _enter(self, n: int) -> None:
         if self.count != n:
