@@ -4,6 +4,7 @@ nothing here depends on timing (readiness is polled with a generous timeout)."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import signal
@@ -133,7 +134,9 @@ def test_embed_equals_encode(mlm):
 
 
 def test_int8_server_embeds_as_the_int8_model(tmp_path_factory):
-    for srv in _started(tmp_path_factory, "tiny-ufb", "--precision", "int8"):
+    started = _started(tmp_path_factory, "tiny-ufb", "--precision", "int8")
+    with contextlib.closing(started):                 # the server stops (and is checked) on any failure
+        srv = next(started)
         assert post(srv, "/embed", {"inputs": "x"}).status_code == 200
         assert httpx.get(srv.url + "/info", timeout=60).json()["precision"] == "int8"
         r = post(srv, "/embed", {"inputs": TEXTS, "normalize": False})
