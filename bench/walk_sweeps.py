@@ -1,7 +1,7 @@
 """Where the tree walk's time goes: the route sweep and the output sweep timed apart, on one thread.
 
 `kernels.fff_walk` runs two sweeps over the tokens: every token's route (`_fff_route_tile`, 16
-tokens at a time), then every token's output (`_fff_output`). This script times each sweep alone
+tokens at a time), then every token's output (`_fff_output`, 16 tokens at a time). This script times each sweep alone
 (a loop over the same functions the walk calls), the whole walk on preallocated buffers, and
 `model.fff` as the FF-layer bench and the engine call it (fresh output buffers every call, so the
 page faults of a fresh 50 MB output at 16384 tokens are counted there and only there). Cases:
@@ -47,9 +47,9 @@ def drivers():
 
         @njit(nogil=True, cache=True)
         def output_sweep(w_out, depth, routes, logits, out, order):  # routes, logits [T, D+1] -> out [T, H]
-            for i in range(out.shape[0]):
-                t = order[i]
-                kernels._fff_output(w_out, depth, routes[t], logits[t], out[t])
+            g = np.empty((kernels.OUTPUT_BLOCK, depth + 1), np.float32)
+            for i in range(0, out.shape[0], kernels.OUTPUT_BLOCK):
+                kernels._fff_output(w_out, routes, logits, out, order[i:i + kernels.OUTPUT_BLOCK], g)
         _drivers = (route_sweep, output_sweep)
     return _drivers
 

@@ -376,6 +376,151 @@ def matmul_nt(x, w, out, state):  # x [M, K], w [N, K] -> out [M, N] = x @ w.T; 
 # 7.2 vs 9.3 ms (bench/README.md).
 
 ROUTE_TILE = 16   # tokens whose routes advance together
+SHARE = 4         # tokens that share each load of a node's rows (`_dots_share3`, `_out_share`)
+WALK_VEC = 8      # floats per vector of the walk's own code (ymm: LLVM's choice on both CPUs measured)
+
+
+def _vec_sum(builder, v):  # <8 x float> -> float: lanes halved in a fixed order, no reassociation
+    f32, i32 = ir.FloatType(), ir.IntType(32)
+    for width in (4, 2, 1):
+        lo = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(i32, width), list(range(width))))
+        hi = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(i32, width), list(range(width, 2 * width))))
+        v = builder.fadd(lo, hi)
+    return builder.extract_element(v, ir.Constant(i32, 0)) if isinstance(v.type, ir.VectorType) else v
+
+
+def _f32_at(builder, base, index, vector):  # float* base, int64 index -> load 1 float or WALK_VEC floats there
+    ptr = builder.gep(base, [index])
+    if vector:
+        return builder.load(builder.bitcast(ptr, ir.VectorType(ir.FloatType(), WALK_VEC).as_pointer()), align=4)
+    return builder.load(ptr, align=4)
+
+
+def _walk_dots(pairs):
+    """-> an intrinsic dots(xs, ws, h): for each (s, r) in `pairs`, the dot product of the h
+    floats at address xs[s] with the h floats at address ws[r], as a tuple of float32. Each x row
+    and weight row is loaded once per chunk for every pair that uses it, so tokens at one node
+    share the loads of its rows. Written in LLVM IR with no fast-math flags: every dot of every
+    intrinsic made here is summed the same way (two 8-lane partial sums over chunks of 16
+    floats, an 8-float chunk into the first, the lanes halved, then the tail in order), so a dot's
+    bits do not depend on which other dots share its pass."""
+    n_x = 1 + max(s for s, _ in pairs)
+    n_w = 1 + max(r for _, r in pairs)
+
+    @intrinsic
+    def dots(typingctx, xs, ws, h):
+        def codegen(context, builder, signature, args):
+            f32, i64 = ir.FloatType(), ir.IntType(64)
+            v8 = ir.VectorType(f32, WALK_VEC)
+            fma_v = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8, [v8] * 3), "llvm.fma.v8f32")
+            fma_s = cgutils.get_or_insert_function(builder.module, ir.FunctionType(f32, [f32] * 3), "llvm.fma.f32")
+            xp = [builder.inttoptr(a, f32.as_pointer()) for a in cgutils.unpack_tuple(builder, args[0], n_x)]
+            wp = [builder.inttoptr(a, f32.as_pointer()) for a in cgutils.unpack_tuple(builder, args[1], n_w)]
+            n = context.cast(builder, args[2], signature.args[2], types.int64)
+            acc = [[cgutils.alloca_once_value(builder, ir.Constant(v8, None)) for _ in range(2)] for _ in pairs]
+            tail = [cgutils.alloca_once_value(builder, ir.Constant(f32, 0.0)) for _ in pairs]
+
+            def step(off, half, vector):   # every pair's acc[half] (or tail) += w[off..] * x[off..]
+                xv = [_f32_at(builder, p, off, vector) for p in xp]
+                wv = [_f32_at(builder, p, off, vector) for p in wp]
+                for d, (s, r) in enumerate(pairs):
+                    cell = acc[d][half] if vector else tail[d]
+                    builder.store(builder.call(fma_v if vector else fma_s, [wv[r], xv[s], builder.load(cell)]), cell)
+
+            c16 = ir.Constant(i64, 2 * WALK_VEC)
+            chunks = builder.sdiv(n, c16)
+            with cgutils.for_range(builder, chunks) as loop:
+                off = builder.mul(loop.index, c16)
+                step(off, 0, True)
+                step(builder.add(off, ir.Constant(i64, WALK_VEC)), 1, True)
+            done = builder.mul(chunks, c16)
+            with builder.if_then(builder.icmp_signed(">=", builder.sub(n, done), ir.Constant(i64, WALK_VEC))):
+                step(done, 0, True)
+            start = builder.sub(n, builder.srem(n, ir.Constant(i64, WALK_VEC)))
+            with cgutils.for_range_slice(builder, start, n, ir.Constant(i64, 1)) as (j, _):
+                step(j, 0, False)
+            sums = [builder.fadd(_vec_sum(builder, builder.fadd(builder.load(a0), builder.load(a1))), builder.load(t))
+                    for (a0, a1), t in zip(acc, tail)]
+            return context.make_tuple(builder, signature.return_type, sums)
+        return types.UniTuple(types.float32, len(pairs))(xs, ws, h), codegen
+    return dots
+
+
+# The route sweep's passes: rows 0-2 are a node's and its two children's (2n+1, 2n+2), row 0 alone at the leaves.
+_dots_pair3 = _walk_dots(((0, 0), (0, 1), (0, 2), (1, 3), (1, 4), (1, 5)))     # 2 tokens, their own 3 rows
+_dots_share3 = _walk_dots(tuple((t, r) for t in range(SHARE) for r in range(3)))  # 4 tokens, one node's 3 rows
+_dots_pair1 = _walk_dots(((0, 0), (1, 1)))
+_dots_share1 = _walk_dots(tuple((t, 0) for t in range(SHARE)))
+
+
+def _walk_out(k):
+    """-> an intrinsic out_rows(gs, base, stride, route, n_rows, outs, h): for k tokens on one
+    path, outs[i][j] = sum over levels l < n_rows of gs[i][l] * w[route[l]][j], w's rows at
+    base + node * stride (bytes), route an int32 array's address, gs the tokens' GELU(z). Each
+    row chunk is loaded once for the k tokens. Every column is the same chain of FMAs, level 0
+    first, in every intrinsic made here (no fast-math flags), so a token's output does not
+    depend on how many tokens shared its loads."""
+    @intrinsic
+    def out_rows(typingctx, gs, base, stride, route, n_rows, outs, h):
+        def codegen(context, builder, signature, args):
+            f32, i32, i64 = ir.FloatType(), ir.IntType(32), ir.IntType(64)
+            v8 = ir.VectorType(f32, WALK_VEC)
+            fma_v = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8, [v8] * 3), "llvm.fma.v8f32")
+            fma_s = cgutils.get_or_insert_function(builder.module, ir.FunctionType(f32, [f32] * 3), "llvm.fma.f32")
+            gp = [builder.inttoptr(a, f32.as_pointer()) for a in cgutils.unpack_tuple(builder, args[0], k)]
+            op = [builder.inttoptr(a, f32.as_pointer()) for a in cgutils.unpack_tuple(builder, args[5], k)]
+            w0 = builder.inttoptr(args[1], ir.IntType(8).as_pointer())
+            row_bytes = args[2]
+            rp = builder.inttoptr(args[3], i32.as_pointer())
+            n_rows = context.cast(builder, args[4], signature.args[4], types.int64)
+            n = context.cast(builder, args[6], signature.args[6], types.int64)
+
+            def columns(col, vecs):   # outs[.][col .. col + vecs * 8) (vecs = 0: the one column col)
+                width = vecs or 1
+                kind = v8 if vecs else f32
+                cells = [[cgutils.alloca_once_value(builder, ir.Constant(kind, None)) for _ in range(width)]
+                         for _ in range(k)]
+                for row in cells:
+                    for c in row:
+                        builder.store(ir.Constant(kind, None), c)
+                with cgutils.for_range(builder, n_rows) as level:
+                    node = builder.sext(builder.load(builder.gep(rp, [level.index])), i64)
+                    w = builder.bitcast(builder.gep(w0, [builder.mul(node, row_bytes)]), f32.as_pointer())
+                    rv = [_f32_at(builder, w, builder.add(col, ir.Constant(i64, v * WALK_VEC)), bool(vecs))
+                          for v in range(width)]
+                    for i in range(k):
+                        g = builder.load(builder.gep(gp[i], [level.index]))
+                        if vecs:
+                            g = builder.shuffle_vector(builder.insert_element(ir.Constant(v8, None), g, ir.Constant(i32, 0)),
+                                                       ir.Constant(v8, None), ir.Constant(ir.VectorType(i32, WALK_VEC), None))
+                        for v in range(width):
+                            c = cells[i][v]
+                            builder.store(builder.call(fma_v if vecs else fma_s, [rv[v], g, builder.load(c)]), c)
+                for i in range(k):
+                    for v in range(width):
+                        ptr = builder.gep(op[i], [builder.add(col, ir.Constant(i64, v * WALK_VEC))])
+                        if vecs:
+                            ptr = builder.bitcast(ptr, v8.as_pointer())
+                        builder.store(builder.load(cells[i][v]), ptr, align=4)
+
+            block = 4 * WALK_VEC
+            c_block = ir.Constant(i64, block)
+            chunks = builder.sdiv(n, c_block)
+            with cgutils.for_range(builder, chunks) as loop:
+                columns(builder.mul(loop.index, c_block), 4)
+            start = builder.mul(chunks, c_block)
+            n_vec = builder.sub(n, builder.srem(n, ir.Constant(i64, WALK_VEC)))
+            with cgutils.for_range_slice(builder, start, n_vec, ir.Constant(i64, WALK_VEC)) as (col, _):
+                columns(col, 1)
+            with cgutils.for_range_slice(builder, n_vec, n, ir.Constant(i64, 1)) as (col, _):
+                columns(col, 0)
+            return context.get_dummy_value()
+        return types.void(gs, base, stride, route, n_rows, outs, h), codegen
+    return out_rows
+
+
+_out_one = _walk_out(1)
+_out_share = _walk_out(SHARE)
 
 
 @njit(inline="always", **_JIT)
@@ -393,119 +538,134 @@ def _route_take(routes, logits, depth, level, t, z0, z1, z2, left):
 
 
 @njit(inline="always", **_JIT)
-def _route_pair(x, w_in, b_in, depth, routes, logits, ta, tb, level):
-    """Tokens ta and tb (tb == ta for a lone last token): each one's logit at `level` and at
-    `level + 1`, in one pass over their rows.
-    - Two levels per pass: the node's dot product and both children's (rows 2n+1 and 2n+2,
-      adjacent in memory). The child's row is read while the node's is, instead of after a round
-      trip to memory for z: 1.5x the FMAs for half the dependent waits (16 layers cycled, 128
-      tokens: 0.51 vs 0.57 ms per layer for the walk; one hot layer unchanged).
-    - Two tokens per pass: twice the independent row loads in flight. 16 layers cycled, 1 thread,
-      against one token per pass: 128 tokens 1.06-1.08x, 16 tokens 1.08-1.09x, 2048 tokens
-      1.02-1.06x; one hot layer of 16384 tokens 0.99-1.06x.
-    A token's sums are the same code whichever token it is paired with, itself included, so its
-    route and logits do not depend on the other tokens of the batch."""
+def _route_pair(xa, b_in, wa, wst, h, depth, routes, logits, ta, tb, level):
+    """Tokens ta and tb (tb == ta for a lone token), each at its own node: the logits at `level`
+    and `level + 1` in one pass over their rows (the node's and both children's, adjacent in
+    memory: the child's row is read while the node's is, instead of after a round trip for z).
+    xa: the tokens' rows' addresses (ta's, tb's); wa, wst: w_in's address and row stride."""
     na = routes[ta, level]
     nb = routes[tb, level]
-    ya = x[ta]
-    yb = x[tb]
     if level == depth:          # the leaf level: one row each
-        wa, wb = w_in[na], w_in[nb]
-        za, zb = b_in[na], b_in[nb]
-        for j in range(ya.shape[0]):
-            za += wa[j] * ya[j]
-            zb += wb[j] * yb[j]
-        logits[ta, level] = za
-        logits[tb, level] = zb
+        za, zb = _dots_pair1(xa, (wa + na * wst, wa + nb * wst), h)
+        logits[ta, level] = b_in[na] + za
+        logits[tb, level] = b_in[nb] + zb
         return
     la = 2 * na + 1
     lb = 2 * nb + 1
-    a0, a1, a2 = w_in[na], w_in[la], w_in[la + 1]
-    b0, b1, b2 = w_in[nb], w_in[lb], w_in[lb + 1]
-    za0, za1, za2 = b_in[na], b_in[la], b_in[la + 1]
-    zb0, zb1, zb2 = b_in[nb], b_in[lb], b_in[lb + 1]
-    for j in range(ya.shape[0]):
-        u = ya[j]
-        v = yb[j]
-        za0 += a0[j] * u
-        za1 += a1[j] * u
-        za2 += a2[j] * u
-        zb0 += b0[j] * v
-        zb1 += b1[j] * v
-        zb2 += b2[j] * v
-    _route_take(routes, logits, depth, level, ta, za0, za1, za2, la)
-    _route_take(routes, logits, depth, level, tb, zb0, zb1, zb2, lb)
+    za0, za1, za2, zb0, zb1, zb2 = _dots_pair3(
+        xa, (wa + na * wst, wa + la * wst, wa + (la + 1) * wst, wa + nb * wst, wa + lb * wst, wa + (lb + 1) * wst),
+        h)
+    _route_take(routes, logits, depth, level, ta, b_in[na] + za0, b_in[la] + za1, b_in[la + 1] + za2, la)
+    _route_take(routes, logits, depth, level, tb, b_in[nb] + zb0, b_in[lb] + zb1, b_in[lb + 1] + zb2, lb)
+
+
+@njit(inline="always", **_JIT)
+def _route_share(xa, b_in, wa, wst, h, depth, routes, logits, tk, level):
+    """Four tokens tk at one node (the last repeated for fewer): the node's rows loaded once for
+    all four, each token's sums the same bits as in `_route_pair`."""
+    n0 = routes[tk[0], level]
+    if level == depth:
+        z = _dots_share1(xa, (wa + n0 * wst,), h)
+        for i in range(SHARE):
+            logits[tk[i], level] = b_in[n0] + z[i]
+        return
+    left = 2 * n0 + 1
+    z = _dots_share3(xa, (wa + n0 * wst, wa + left * wst, wa + (left + 1) * wst), h)
+    for i in range(SHARE):
+        _route_take(routes, logits, depth, level, tk[i], b_in[n0] + z[3 * i], b_in[left] + z[3 * i + 1],
+                    b_in[left + 1] + z[3 * i + 2], left)
 
 
 @njit(**_JIT)
 def _fff_route_tile(x, w_in, b_in, depth, routes, logits, tile):
     """The paths of tokens [16 tile, 16 tile + 16): node ids and logits z, root first (heap order:
     children 2n+1, 2n+2). Two levels at a time across the tile, so the row loads of different
-    tokens are independent and overlap; one token at a time, each load waits for the previous
-    level's z (16 layers cycled, 128 tokens: 0.36 vs 0.42 ms for this sweep)."""
+    tokens are independent and overlap; at each pass the tile's tokens are taken by node, four
+    tokens at one node sharing each load of its rows, the rest two by two."""
     t0 = tile * ROUTE_TILE
     t1 = min(t0 + ROUTE_TILE, x.shape[0])
-    for t in range(t0, t1):
-        routes[t, 0] = 0
+    k = t1 - t0
+    h = x.shape[1]
+    xa0, xst = np.int64(x.ctypes.data), np.int64(x.strides[0])   # int64: uintp + int64 would be a float
+    wa, wst = np.int64(w_in.ctypes.data), np.int64(w_in.strides[0])
+    order = np.empty(ROUTE_TILE, np.int64)   # the tile's tokens, stably sorted by their node
+    rest = np.empty(ROUTE_TILE, np.int64)    # those not in a group of four at one node
+    for i in range(k):
+        order[i] = t0 + i
+        routes[t0 + i, 0] = 0
     level = 0
     while level <= depth:
-        for t in range(t0, t1, 2):
-            _route_pair(x, w_in, b_in, depth, routes, logits, t, min(t + 1, t1 - 1), level)
+        n_rest = 0
+        i = 0
+        while i < k:
+            node = routes[order[i], level]
+            j = i + 1
+            while j < k and routes[order[j], level] == node:
+                j += 1
+            while j - i >= SHARE - 1:          # three or more: one shared pass (a fourth repeats the third)
+                tk = (order[i], order[min(i + 1, j - 1)], order[min(i + 2, j - 1)], order[min(i + 3, j - 1)])
+                _route_share((xa0 + tk[0] * xst, xa0 + tk[1] * xst, xa0 + tk[2] * xst, xa0 + tk[3] * xst),
+                             b_in, wa, wst, h, depth, routes, logits, tk, level)
+                i = min(i + SHARE, j)
+            while i < j:
+                rest[n_rest] = order[i]
+                n_rest += 1
+                i += 1
+        for r in range(0, n_rest, 2):
+            ta, tb = rest[r], rest[min(r + 1, n_rest - 1)]
+            _route_pair((xa0 + ta * xst, xa0 + tb * xst), b_in, wa, wst, h, depth, routes, logits, ta, tb, level)
         level += 2
+        if level <= depth:                     # insertion sort by the new node: nearly sorted already
+            for i in range(1, k):
+                t = order[i]
+                node = routes[t, level]
+                j = i
+                while j > 0 and routes[order[j - 1], level] > node:
+                    order[j] = order[j - 1]
+                    j -= 1
+                order[j] = t
 
 
 @njit(inline="always", **_JIT)
-def _output_12(w_out, route, logits, out_row):
-    """out_row = the first 12 rows of the path times their GELU(z), in one pass that writes
-    out_row once and never reads it (a tree of depth 11 has exactly 12 levels). Summed in the
-    order of three passes of four rows, (p0 + p1) + p2: the same bits as those passes."""
-    g0, g1, g2, g3 = (gelu_scalar(logits[0]), gelu_scalar(logits[1]), gelu_scalar(logits[2]),
-                      gelu_scalar(logits[3]))
-    g4, g5, g6, g7 = (gelu_scalar(logits[4]), gelu_scalar(logits[5]), gelu_scalar(logits[6]),
-                      gelu_scalar(logits[7]))
-    g8, g9, g10, g11 = (gelu_scalar(logits[8]), gelu_scalar(logits[9]), gelu_scalar(logits[10]),
-                        gelu_scalar(logits[11]))
-    r0, r1, r2, r3 = w_out[route[0]], w_out[route[1]], w_out[route[2]], w_out[route[3]]
-    r4, r5, r6, r7 = w_out[route[4]], w_out[route[5]], w_out[route[6]], w_out[route[7]]
-    r8, r9, r10, r11 = w_out[route[8]], w_out[route[9]], w_out[route[10]], w_out[route[11]]
-    for j in range(out_row.shape[0]):
-        p0 = (g0 * r0[j] + g1 * r1[j]) + (g2 * r2[j] + g3 * r3[j])
-        p1 = (g4 * r4[j] + g5 * r5[j]) + (g6 * r6[j] + g7 * r7[j])
-        p2 = (g8 * r8[j] + g9 * r9[j]) + (g10 * r10[j] + g11 * r11[j])
-        out_row[j] = (p0 + p1) + p2
+def _gelu_path(logits, g):  # [D+1] z on the path -> g [D+1] GELU(z), by one loop for every token
+    for level in range(logits.shape[0]):
+        g[level] = gelu_scalar(logits[level])
+
+
+@njit(inline="always", **_JIT)
+def _same_path(routes, a, b):
+    for level in range(routes.shape[1]):
+        if routes[a, level] != routes[b, level]:
+            return False
+    return True
 
 
 @njit(**_JIT)
-def _fff_output(w_out, depth, route, logits, out_row):
-    """out = sum over the path of GELU(z) * w_out[node]: the first 12 rows in one pass
-    (`_output_12`: out_row written once, never zeroed or read), then four rows per pass over
-    out_row (a quarter of the loads and stores of out_row that one row per pass costs)."""
-    h = out_row.shape[0]
-    level = 0
-    if depth + 1 >= 12:
-        _output_12(w_out, route, logits, out_row)
-        level = 12
-    else:
-        for j in range(h):
-            out_row[j] = np.float32(0.0)
-    while level + 4 <= depth + 1:
-        g0 = gelu_scalar(logits[level])
-        g1 = gelu_scalar(logits[level + 1])
-        g2 = gelu_scalar(logits[level + 2])
-        g3 = gelu_scalar(logits[level + 3])
-        r0 = w_out[route[level]]
-        r1 = w_out[route[level + 1]]
-        r2 = w_out[route[level + 2]]
-        r3 = w_out[route[level + 3]]
-        for j in range(h):
-            out_row[j] += (g0 * r0[j] + g1 * r1[j]) + (g2 * r2[j] + g3 * r3[j])
-        level += 4
-    while level <= depth:
-        g = gelu_scalar(logits[level])
-        r = w_out[route[level]]
-        for j in range(h):
-            out_row[j] += g * r[j]
-        level += 1
+def _fff_output(w_out, routes, logits, out, tokens, g):
+    """out[t] = sum over t's path of GELU(z) * w_out[node] for the tokens t of `tokens`, in that
+    order: four consecutive tokens on one path share each load of its rows (`_out_share`), the
+    others go one by one (`_out_one`), the same bits either way. g: [len(tokens), D+1] scratch."""
+    n = tokens.shape[0]
+    rows = routes.shape[1]
+    wa, wst = np.int64(w_out.ctypes.data), np.int64(w_out.strides[0])
+    ga, gst = np.int64(g.ctypes.data), np.int64(g.strides[0])
+    oa, ost = np.int64(out.ctypes.data), np.int64(out.strides[0])
+    ra, rst = np.int64(routes.ctypes.data), np.int64(routes.strides[0])
+    h = out.shape[1]
+    for i in range(n):
+        _gelu_path(logits[tokens[i]], g[i])
+    i = 0
+    while i < n:
+        t = tokens[i]
+        if i + SHARE <= n and _same_path(routes, t, tokens[i + SHARE - 1]) and _same_path(routes, t, tokens[i + 1]) \
+                and _same_path(routes, t, tokens[i + 2]):
+            tk = (tokens[i], tokens[i + 1], tokens[i + 2], tokens[i + 3])
+            _out_share((ga + i * gst, ga + (i + 1) * gst, ga + (i + 2) * gst, ga + (i + 3) * gst), wa, wst,
+                       ra + t * rst, rows, (oa + tk[0] * ost, oa + tk[1] * ost, oa + tk[2] * ost, oa + tk[3] * ost), h)
+            i += SHARE
+        else:
+            _out_one((ga + i * gst,), wa, wst, ra + t * rst, rows, (oa + t * ost,), h)
+            i += 1
 
 
 OUTPUT_BLOCK = 16  # tokens per claim in the output sweep
@@ -564,11 +724,9 @@ def _fff_route_block(tile, args):  # one route tile, counted done for the output
 
 
 @njit(inline="always", **_JIT)
-def _fff_output_block(b, args):  # order: [T] token ids, or [0] for token order (`_leaf_order`)
-    w_out, depth, routes, logits, out, order = args
-    for i in range(b * OUTPUT_BLOCK, min((b + 1) * OUTPUT_BLOCK, out.shape[0])):
-        t = order[i] if order.shape[0] else i
-        _fff_output(w_out, depth, routes[t], logits[t], out[t])
+def _fff_output_block(b, args):  # order: [T] token ids, the order the output sweep takes them in
+    w_out, routes, logits, out, order, g = args
+    _fff_output(w_out, routes, logits, out, order[b * OUTPUT_BLOCK:(b + 1) * OUTPUT_BLOCK], g)
 
 
 _fff_route_loop = claim_loop(_fff_route_block)
@@ -589,8 +747,11 @@ def fff_walk(x, w_in, b_in, w_out, depth, out, routes, logits, state):
     while fetch_add(state, SHARED_DONE, 0) < tiles:   # tiles other threads are still routing
         pass
     order = _leaf_order(routes, depth, LEAF_ORDER_MIN)   # [T], the same in every thread
+    if order.shape[0] == 0:
+        order = np.arange(x.shape[0], dtype=np.int32)
+    g = np.empty((OUTPUT_BLOCK, depth + 1), np.float32)   # this thread's GELU(z) of a block's paths
     blocks = (x.shape[0] + OUTPUT_BLOCK - 1) // OUTPUT_BLOCK
-    _fff_output_loop(state, SHARED_NEXT_2, blocks, (w_out, depth, routes, logits, out, order))
+    _fff_output_loop(state, SHARED_NEXT_2, blocks, (w_out, routes, logits, out, order, g))
     fetch_add(state, SHARED_INSIDE, -1)
 
 
