@@ -42,8 +42,9 @@ def drivers():
 
         @njit(nogil=True, cache=True)
         def route_sweep(x, w_in, b_in, depth, routes, logits):  # [T, H] -> routes, logits [T, D+1]
-            for tile in range((x.shape[0] + kernels.ROUTE_TILE - 1) // kernels.ROUTE_TILE):
-                kernels._fff_route_tile(x, w_in, b_in, depth, routes, logits, tile)
+            size = kernels.route_tile(x.shape[0], kernels.ROUTE_TILE_MAX)
+            for tile in range((x.shape[0] + size - 1) // size):
+                kernels._fff_route_tile(x, w_in, b_in, depth, routes, logits, tile, size)
 
         @njit(nogil=True, cache=True)
         def output_sweep(w_out, depth, routes, logits, out, order):  # routes, logits [T, D+1] -> out [T, H]

@@ -375,7 +375,7 @@ def matmul_nt(x, w, out, state):  # x [M, K], w [N, K] -> out [M, N] = x @ w.T; 
 # tokens on one hot layer 46 vs 63-72 ms at 1 thread and 24 vs 36 ms at 2 threads; 2048 tokens
 # 7.2 vs 9.3 ms (bench/README.md).
 
-ROUTE_TILE = 16   # tokens whose routes advance together
+ROUTE_TILE = 16   # tokens whose routes advance together, below ROUTE_TILE * ROUTE_TILES tokens
 SHARE = 4         # tokens that share each load of a node's rows (`_dots_share3`, `_out_share`)
 WALK_VEC = 8      # floats per vector of the walk's own code (ymm: LLVM's choice on both CPUs measured)
 
@@ -576,54 +576,70 @@ def _route_share(xa, b_in, wa, wst, h, depth, routes, logits, tk, level):
                     b_in[left + 1] + z[3 * i + 2], left)
 
 
+@njit(inline="always", **_JIT)
+def _group_end(routes, order, level, i, k):  # -> the end of the run of order[i:k] at order[i]'s node
+    node = routes[order[i], level]
+    j = i + 1
+    while j < k and routes[order[j], level] == node:
+        j += 1
+    return j
+
+
 @njit(**_JIT)
-def _fff_route_tile(x, w_in, b_in, depth, routes, logits, tile):
-    """The paths of tokens [16 tile, 16 tile + 16): node ids and logits z, root first (heap order:
-    children 2n+1, 2n+2). Two levels at a time across the tile, so the row loads of different
-    tokens are independent and overlap; at each pass the tile's tokens are taken by node, four
-    tokens at one node sharing each load of its rows, the rest two by two."""
-    t0 = tile * ROUTE_TILE
-    t1 = min(t0 + ROUTE_TILE, x.shape[0])
-    k = t1 - t0
+def _route_levels(x, w_in, b_in, depth, routes, logits, order, spare, level, stop):
+    """Route the tokens of `order` (stably sorted by their node at `level`) through the passes
+    at level, level + 2, ... below `stop`. Two levels per pass, across the tokens, so the row
+    loads of different tokens are independent and overlap; at each pass the tokens are taken by
+    node, four tokens at one node sharing each load of its rows, the rest two by two. On return
+    `order` holds them sorted by their node at the last pass's level. spare: as long as order."""
+    k = order.shape[0]
     h = x.shape[1]
     xa0, xst = np.int64(x.ctypes.data), np.int64(x.strides[0])   # int64: uintp + int64 would be a float
     wa, wst = np.int64(w_in.ctypes.data), np.int64(w_in.strides[0])
-    order = np.empty(ROUTE_TILE, np.int64)   # the tile's tokens, stably sorted by their node
-    rest = np.empty(ROUTE_TILE, np.int64)    # those not in a group of four at one node
-    for i in range(k):
-        order[i] = t0 + i
-        routes[t0 + i, 0] = 0
-    level = 0
-    while level <= depth:
+    while level < stop:
         n_rest = 0
         i = 0
         while i < k:
-            node = routes[order[i], level]
-            j = i + 1
-            while j < k and routes[order[j], level] == node:
-                j += 1
+            j = _group_end(routes, order, level, i, k)
             while j - i >= SHARE - 1:          # three or more: one shared pass (a fourth repeats the third)
                 tk = (order[i], order[min(i + 1, j - 1)], order[min(i + 2, j - 1)], order[min(i + 3, j - 1)])
                 _route_share((xa0 + tk[0] * xst, xa0 + tk[1] * xst, xa0 + tk[2] * xst, xa0 + tk[3] * xst),
                              b_in, wa, wst, h, depth, routes, logits, tk, level)
                 i = min(i + SHARE, j)
             while i < j:
-                rest[n_rest] = order[i]
+                spare[n_rest] = order[i]
                 n_rest += 1
                 i += 1
         for r in range(0, n_rest, 2):
-            ta, tb = rest[r], rest[min(r + 1, n_rest - 1)]
+            ta, tb = spare[r], spare[min(r + 1, n_rest - 1)]
             _route_pair((xa0 + ta * xst, xa0 + tb * xst), b_in, wa, wst, h, depth, routes, logits, ta, tb, level)
+        if level + 2 <= depth:   # re-sort: each node's run splits stably into its four grandchildren's
+            i = 0
+            n = 0
+            while i < k:
+                j = _group_end(routes, order, level, i, k)
+                first = 4 * routes[order[i], level] + 3
+                for c in range(4):
+                    for m in range(i, j):
+                        if routes[order[m], level + 2] == first + c:
+                            spare[n] = order[m]
+                            n += 1
+                i = j
+            for i in range(k):
+                order[i] = spare[i]
         level += 2
-        if level <= depth:                     # insertion sort by the new node: nearly sorted already
-            for i in range(1, k):
-                t = order[i]
-                node = routes[t, level]
-                j = i
-                while j > 0 and routes[order[j - 1], level] > node:
-                    order[j] = order[j - 1]
-                    j -= 1
-                order[j] = t
+
+
+@njit(**_JIT)
+def _fff_route_tile(x, w_in, b_in, depth, routes, logits, tile, size, stop=1 << 30):
+    """The paths of tokens [size tile, size tile + size) down to level `stop` (the node at stop
+    included): node ids and logits z, root first (heap order: children 2n+1, 2n+2)."""
+    t0 = tile * size
+    t1 = min(t0 + size, x.shape[0])
+    order = np.arange(t0, t1).astype(np.int64)
+    for t in range(t0, t1):
+        routes[t, 0] = 0
+    _route_levels(x, w_in, b_in, depth, routes, logits, order, np.empty_like(order), 0, min(stop, depth + 1))
 
 
 @njit(inline="always", **_JIT)
@@ -684,12 +700,18 @@ def _target_cpu() -> str:
 # measured on Zen 4.
 #   leaf_order_min: tokens from which the output sweep takes them by leaf (`_leaf_order`).
 NEVER = 1 << 62
-DEFAULT_TUNING = {"leaf_order_min": NEVER}
+DEFAULT_TUNING = {"leaf_order_min": NEVER, "route_tile_max": ROUTE_TILE, "split_group": NEVER}
 WALK_TUNING = {
-    "icelake-server": {"leaf_order_min": 512},    # Xeon Ice Lake-SP: w_out rows from a slow L3 and DRAM
+    "icelake-server": {"leaf_order_min": 512, "split_group": 32, "route_tile_max": 64},    # Xeon Ice Lake-SP: w_out rows from a slow L3 and DRAM
 }
 TUNING = {**DEFAULT_TUNING, **WALK_TUNING.get(_target_cpu(), {})}
 LEAF_ORDER_MIN = TUNING["leaf_order_min"]
+ROUTE_TILE_MAX = TUNING["route_tile_max"]
+SPLIT_GROUP = TUNING["split_group"]
+SPLIT_UNIT = 64    # tokens per claim below the split: one node's, in units small enough to share
+SPLIT_PROBE = 64   # tokens routed to the split level to see whether they spread (`_worth_splitting`)
+SPLIT_SPREAD = 8   # split when those enter more than one subtree in 8 of those they could
+ROUTE_TILES = 16   # route tiles a large batch keeps at least, for the threads to share
 
 
 @njit(**_JIT)
@@ -717,9 +739,19 @@ def _leaf_order(routes, depth, min_tokens):  # routes [T, D+1] -> [T] int32 toke
 
 
 @njit(inline="always", **_JIT)
+def route_tile(t_count, largest):  # tokens -> tokens per route tile: 16, up to `largest` for large batches
+    """Larger tiles put more tokens at each node of a pass (more shared row loads); at least
+    ROUTE_TILES tiles are kept for the threads to share. Tiles change no bits."""
+    size = ROUTE_TILE
+    while size * 2 <= largest and size * 2 * ROUTE_TILES <= t_count:
+        size *= 2
+    return size
+
+
+@njit(inline="always", **_JIT)
 def _fff_route_block(tile, args):  # one route tile, counted done for the output sweep
-    x, w_in, b_in, depth, routes, logits, state = args
-    _fff_route_tile(x, w_in, b_in, depth, routes, logits, tile)
+    x, w_in, b_in, depth, routes, logits, state, size, stop = args
+    _fff_route_tile(x, w_in, b_in, depth, routes, logits, tile, size, stop)
     fetch_add(state, SHARED_DONE, 1)
 
 
@@ -729,7 +761,88 @@ def _fff_output_block(b, args):  # order: [T] token ids, the order the output sw
     _fff_output(w_out, routes, logits, out, order[b * OUTPUT_BLOCK:(b + 1) * OUTPUT_BLOCK], g)
 
 
+@njit(**_JIT)
+def _split_level(t_count, depth, group):  # -> the deepest even level with >= `group` tokens per node, or D+1
+    """Where a large batch stops routing by tiles: from there on the tokens are taken by the
+    subtree they entered, so that each deep row is read once for the group at its node instead
+    of once per token. depth + 1: no split (too few tokens for groups of `group`)."""
+    split = depth + 1
+    level = 2
+    while level <= depth and (t_count >> level) >= group:
+        split = level
+        level += 2
+    return split
+
+
+@njit(**_JIT)
+def _worth_splitting(x, w_in, b_in, depth, split, probe):  # -> whether the first tokens spread at `split`
+    """Splitting pays when the tokens spread over many subtrees, whose deep rows then do not all
+    stay in cache; it costs a second read of every token's activations, which is all it does
+    when they take a few paths (the paper's setup: one). The first `probe` tokens are routed
+    down to `split` (into this thread's own arrays: every thread decides the same) and counted:
+    split if they enter more than one subtree in SPLIT_SPREAD of those they could (and two or more)."""
+    k = min(probe, x.shape[0])
+    routes = np.zeros((k, depth + 1), np.int32)
+    logits = np.empty((k, depth + 1), np.float32)
+    order = np.arange(k).astype(np.int64)
+    _route_levels(x, w_in, b_in, depth, routes, logits, order, np.empty_like(order), 0, split)
+    distinct = 1
+    for i in range(1, k):   # order is sorted by node at the last pass: count the runs at `split`
+        distinct += routes[order[i], split] != routes[order[i - 1], split]
+    return distinct > 1 and distinct * SPLIT_SPREAD > min(k, 1 << split)
+
+
+@njit(**_JIT)
+def _split_units(routes, level, unit):  # routes [T, D+1] -> order [T] int64, bounds [U + 1] int64
+    """The tokens by their node at `level` (a counting sort, stable), cut into units of at most
+    `unit` tokens at one node: unit u is order[bounds[u]:bounds[u + 1]]."""
+    t_count = routes.shape[0]
+    first = (1 << level) - 1
+    starts = np.zeros((1 << level) + 1, np.int64)   # [nodes + 1]
+    for t in range(t_count):
+        starts[routes[t, level] - first + 1] += 1
+    n_units = 0
+    for i in range(1, starts.shape[0]):
+        n_units += (starts[i] + unit - 1) // unit
+        starts[i] += starts[i - 1]
+    bounds = np.empty(n_units + 1, np.int64)
+    u = 0
+    for i in range(starts.shape[0] - 1):
+        for a in range(starts[i], starts[i + 1], unit):
+            bounds[u] = a
+            u += 1
+    bounds[n_units] = t_count
+    order = np.empty(t_count, np.int64)
+    for t in range(t_count):
+        node = routes[t, level] - first
+        order[starts[node]] = t
+        starts[node] += 1
+    return order, bounds
+
+
+@njit(inline="always", **_JIT)
+def _leaf_sort(routes, depth, tokens):  # tokens, in place: a stable insertion sort by leaf (nearly sorted)
+    for i in range(1, tokens.shape[0]):
+        t = tokens[i]
+        leaf = routes[t, depth]
+        j = i
+        while j > 0 and routes[tokens[j - 1], depth] > leaf:
+            tokens[j] = tokens[j - 1]
+            j -= 1
+        tokens[j] = t
+
+
+@njit(inline="always", **_JIT)
+def _fff_deep_block(u, args):  # unit u of `_split_units`: its routes below the split, then its outputs
+    x, w_in, b_in, w_out, depth, routes, logits, out, order, bounds, split, g, spare = args
+    tokens = order[bounds[u]:bounds[u + 1]]   # this thread's own copy of order: sorted in place
+    _route_levels(x, w_in, b_in, depth, routes, logits, tokens, spare, split, depth + 1)
+    _leaf_sort(routes, depth, tokens)
+    _fff_output(w_out, routes, logits, out, tokens, g)
+
+
 _fff_route_loop = claim_loop(_fff_route_block)
+_fff_deep_loop = claim_loop(_fff_deep_block)
 _fff_output_loop = claim_loop(_fff_output_block)
 
 
@@ -742,10 +855,22 @@ def fff_walk(x, w_in, b_in, w_out, depth, out, routes, logits, state):
     Only the visited rows of w_in and w_out are read: 2 * (D+1) rows instead of 2 * (2^(D+1)-1).
     """
     fetch_add(state, SHARED_INSIDE, 1)
-    tiles = (x.shape[0] + ROUTE_TILE - 1) // ROUTE_TILE
-    _fff_route_loop(state, SHARED_NEXT, tiles, (x, w_in, b_in, depth, routes, logits, state))
+    split = _split_level(x.shape[0], depth, SPLIT_GROUP)
+    if split <= depth and not _worth_splitting(x, w_in, b_in, depth, split, SPLIT_PROBE):
+        split = depth + 1
+    size = route_tile(x.shape[0], ROUTE_TILE_MAX)
+    tiles = (x.shape[0] + size - 1) // size
+    _fff_route_loop(state, SHARED_NEXT, tiles, (x, w_in, b_in, depth, routes, logits, state, size, split))
     while fetch_add(state, SHARED_DONE, 0) < tiles:   # tiles other threads are still routing
         pass
+    if split <= depth:   # [T] by node at the split, the same in every thread; units of one node's tokens
+        order, bounds = _split_units(routes, split, SPLIT_UNIT)
+        g = np.empty((SPLIT_UNIT, depth + 1), np.float32)
+        spare = np.empty(SPLIT_UNIT, np.int64)
+        _fff_deep_loop(state, SHARED_NEXT_2, bounds.shape[0] - 1,
+                       (x, w_in, b_in, w_out, depth, routes, logits, out, order, bounds, split, g, spare))
+        fetch_add(state, SHARED_INSIDE, -1)
+        return
     order = _leaf_order(routes, depth, LEAF_ORDER_MIN)   # [T], the same in every thread
     if order.shape[0] == 0:
         order = np.arange(x.shape[0], dtype=np.int32)
