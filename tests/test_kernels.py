@@ -124,6 +124,8 @@ def test_walk_tuning_table_names_known_tunables_only():
     for cpu, tuning in kernels.WALK_TUNING.items():
         assert set(tuning) <= set(kernels.DEFAULT_TUNING), cpu
     assert kernels.LEAF_ORDER_MIN == kernels.TUNING["leaf_order_min"] >= 1
+    assert kernels.ROUTE_TILE_MAX == kernels.TUNING["route_tile_max"] >= kernels.ROUTE_TILE
+    assert kernels.SPLIT_GROUP == kernels.TUNING["split_group"] >= 1
 
 
 def test_fff_routes_right_only_when_z_positive():
@@ -496,3 +498,169 @@ def test_vnni_product_is_never_offered_without_the_feature(monkeypatch):
     assert kernels.matmul_s8_vnni not in kernels._example_calls()
     assert quant.available() == ["portable"]
     assert quant.quantize(np.ones((4, 8), f32)).product == "portable"
+
+
+# --- the tree walk's shared row loads (kernels._walk_dots, _walk_out, the split walk) -----------
+
+from numba import njit  # noqa: E402
+
+
+@njit(cache=False)
+def _dots_share3_of(x, w):  # x [4, H], w [3, H] -> [4, 3]: every token with every row
+    xa, xs = np.int64(x.ctypes.data), np.int64(x.strides[0])
+    wa, ws = np.int64(w.ctypes.data), np.int64(w.strides[0])
+    z = kernels._dots_share3((xa, xa + xs, xa + 2 * xs, xa + 3 * xs), (wa, wa + ws, wa + 2 * ws), x.shape[1])
+    out = np.empty((4, 3), np.float32)
+    for i in range(12):
+        out[i // 3, i % 3] = z[i]
+    return out
+
+
+@njit(cache=False)
+def _dots_pair3_of(x, w, a, b):  # tokens a, b with rows w[3a..3a+2], w[3b..3b+2] -> [2, 3]
+    xa, xs = np.int64(x.ctypes.data), np.int64(x.strides[0])
+    wa, ws = np.int64(w.ctypes.data), np.int64(w.strides[0])
+    z = kernels._dots_pair3((xa + a * xs, xa + b * xs),
+                            (wa, wa + ws, wa + 2 * ws, wa + 3 * ws, wa + 4 * ws, wa + 5 * ws), x.shape[1])
+    return np.array([[z[0], z[1], z[2]], [z[3], z[4], z[5]]], np.float32)
+
+
+@pytest.mark.parametrize("h", [1, 7, 8, 15, 16, 24, 40, 768])
+def test_walk_dots_match_numpy_and_each_other(h):
+    """A dot product is the same bits whichever intrinsic computes it and whatever shares its loads."""
+    rng = np.random.default_rng(h)
+    x = rng.standard_normal((4, h), dtype=f32)
+    w = rng.standard_normal((6, h), dtype=f32)
+    shared = _dots_share3_of(x, w[:3])
+    np.testing.assert_allclose(shared, x.astype(np.float64) @ w[:3].T.astype(np.float64), rtol=1e-5, atol=1e-5 * h)
+    for a, b in ((0, 1), (2, 3), (1, 1)):
+        w2 = np.concatenate([w[:3], w[:3]])
+        pair = _dots_pair3_of(x, w2, a, b)
+        np.testing.assert_array_equal(pair[0], shared[a])
+        np.testing.assert_array_equal(pair[1], shared[b])
+
+
+@njit(cache=False)
+def _out_of(w, route, g, share):  # w [N, H], route [L] int32, g [4, L] -> [4, H] each token's sum
+    out = np.full((4, w.shape[1]), np.nan, np.float32)
+    wa, ws = np.int64(w.ctypes.data), np.int64(w.strides[0])
+    ga, gs = np.int64(g.ctypes.data), np.int64(g.strides[0])
+    oa, os = np.int64(out.ctypes.data), np.int64(out.strides[0])
+    ra = np.int64(route.ctypes.data)
+    if share:
+        kernels._out_share((ga, ga + gs, ga + 2 * gs, ga + 3 * gs), wa, ws, ra, route.shape[0],
+                           (oa, oa + os, oa + 2 * os, oa + 3 * os), w.shape[1])
+    else:
+        for i in range(4):
+            kernels._out_one((ga + i * gs,), wa, ws, ra, route.shape[0], (oa + i * os,), w.shape[1])
+    return out
+
+
+@pytest.mark.parametrize("h,levels", [(1, 1), (7, 3), (40, 12), (100, 12), (768, 12), (64, 13)])
+def test_walk_output_rows_match_numpy_and_each_other(h, levels):
+    rng = np.random.default_rng(h + levels)
+    w = rng.standard_normal((50, h), dtype=f32)
+    route = rng.integers(0, 50, levels).astype(np.int32)
+    g = rng.standard_normal((4, levels), dtype=f32)
+    shared = _out_of(w, route, g, True)
+    np.testing.assert_allclose(shared, g.astype(np.float64) @ w[route].astype(np.float64), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(_out_of(w, route, g, False), shared)
+
+
+@njit(cache=False)
+def _walk_variant(x, w_in, b_in, w_out, depth, group, tile_max, unit):
+    """One thread's fff_walk with the tunables as arguments: the tiled walk (group huge) or the
+    split walk at `_split_level(T, depth, group)`."""
+    t_count = x.shape[0]
+    out = np.full_like(x, np.nan)
+    routes = np.full((t_count, depth + 1), -1, np.int32)
+    logits = np.full((t_count, depth + 1), np.nan, np.float32)
+    split = kernels._split_level(t_count, depth, group)
+    size = kernels.route_tile(t_count, tile_max)
+    for tile in range((t_count + size - 1) // size):
+        kernels._fff_route_tile(x, w_in, b_in, depth, routes, logits, tile, size, split)
+    if split <= depth:
+        order, bounds = kernels._split_units(routes, split, unit)
+        g = np.empty((unit, depth + 1), np.float32)
+        spare = np.empty(unit, np.int64)
+        for u in range(bounds.shape[0] - 1):
+            kernels._fff_deep_block(u, (x, w_in, b_in, w_out, depth, routes, logits, out, order, bounds, split, g, spare))
+    else:
+        order = np.arange(t_count).astype(np.int32)
+        g = np.empty((kernels.OUTPUT_BLOCK, depth + 1), np.float32)
+        for b in range((t_count + kernels.OUTPUT_BLOCK - 1) // kernels.OUTPUT_BLOCK):
+            kernels._fff_output_block(b, (w_out, routes, logits, out, order, g))
+    return out, routes, logits, split
+
+
+def _clustered_batch(rng, x, copies):  # -> x with each row repeated 1..copies times, shuffled: tokens sharing paths
+    rows = np.repeat(np.arange(x.shape[0]), rng.integers(1, copies + 1, x.shape[0]))
+    return np.ascontiguousarray(x[rng.permutation(rows)])
+
+
+@pytest.mark.parametrize("t,h,depth", [(300, 40, 6), (700, 24, 11), (150, 33, 5)])
+def test_fff_split_and_tiled_walks_give_every_token_its_own_bits(t, h, depth):
+    """Tokens grouped by node (four per shared row load, three with one repeated, the rest two by
+    two), by tile of any size or by subtree below a split: each token's route, logits and output
+    are the same bits in every schedule, and those of the naive walk's route."""
+    rng = np.random.default_rng(t + depth)
+    x, w_in, b_in, w_out = random_tree(rng, t // 4, h, depth)
+    x = _clustered_batch(rng, x, 9)
+    ref, ref_routes = fff_ref(x, w_in, b_in, w_out)
+    tiled = _walk_variant(x, w_in, b_in, w_out, depth, 1 << 62, 16, 64)
+    assert tiled[3] == depth + 1
+    np.testing.assert_array_equal(tiled[1], ref_routes)
+    np.testing.assert_allclose(tiled[0], ref, atol=2e-5, rtol=1e-4)
+    splits = set()
+    for group, tile_max, unit in ((32, 16, 64), (8, 64, 5), (4, 256, 3), (1 << 62, 1024, 64)):
+        got = _walk_variant(x, w_in, b_in, w_out, depth, group, tile_max, unit)
+        splits.add(got[3])
+        for a, b in zip(got[:3], tiled[:3]):
+            np.testing.assert_array_equal(a, b)
+    assert len(splits) >= 3          # several split levels were taken, and the tiled walk
+    alone = fwd.fff(x[:1], w_in, b_in, w_out, depth)
+    for got, one in zip(tiled, alone):
+        np.testing.assert_array_equal(got[0], one[0])
+
+
+def test_fff_walk_of_clustered_tokens_matches_each_token_alone():
+    """The engine's walk (with this CPU's tuning) on a batch where many tokens share paths."""
+    rng = np.random.default_rng(5)
+    x, w_in, b_in, w_out = random_tree(rng, 200, 48, 11)
+    x = _clustered_batch(rng, x, 7)
+    out, routes, logits = fwd.fff(x, w_in, b_in, w_out, 11)
+    _, ref_routes = fff_ref(x, w_in, b_in, w_out)
+    np.testing.assert_array_equal(routes, ref_routes)
+    for i in rng.choice(x.shape[0], 20, replace=False):
+        alone = fwd.fff(x[i:i + 1], w_in, b_in, w_out, 11)
+        for got, one in zip((out, routes, logits), alone):
+            np.testing.assert_array_equal(got[i], one[0])
+
+
+@pytest.mark.parametrize("t,level,unit", [(0, 2, 4), (1, 2, 4), (300, 4, 7), (2000, 6, 64)])
+def test_fff_split_units_are_a_stable_sort_by_node_cut_per_node(t, level, unit):
+    rng = np.random.default_rng(t)
+    routes = np.zeros((t, level + 2), np.int32)
+    routes[:, level] = (2 ** level - 1) + rng.integers(0, 2 ** level, t) // 3   # some nodes empty
+    order, bounds = kernels._split_units(routes, level, unit)
+    np.testing.assert_array_equal(order, np.argsort(routes[:, level], kind="stable"))
+    assert bounds[0] == 0 and bounds[-1] == t and np.all(np.diff(bounds) >= 1)
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        assert b - a <= unit
+        assert len(set(routes[order[a:b], level])) == 1
+
+
+@pytest.mark.parametrize("t,depth,group,split", [(16384, 11, 32, 8), (2048, 11, 32, 6), (128, 11, 32, 2),
+                                                 (127, 11, 32, 12), (16384, 4, 32, 4), (100, 3, 1, 2)])
+def test_fff_split_level_is_the_deepest_even_level_with_enough_tokens(t, depth, group, split):
+    assert kernels._split_level(t, depth, group) == split
+
+
+def test_fff_probe_splits_spread_tokens_and_keeps_one_path_tiled():
+    rng = np.random.default_rng(3)
+    x, w_in, b_in, w_out = random_tree(rng, 256, 32, 11)
+    assert kernels._worth_splitting(x, w_in, b_in, 11, 8, 64)
+    assert kernels._worth_splitting(x, w_in, b_in, 11, 2, 64)
+    one_path = np.zeros_like(x), np.zeros_like(w_in), np.zeros_like(b_in)
+    assert not kernels._worth_splitting(*one_path, 11, 8, 64)
+    assert not kernels._worth_splitting(*one_path, 11, 2, 64)
