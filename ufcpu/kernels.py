@@ -374,6 +374,14 @@ def matmul_nt(x, w, out, state):  # x [M, K], w [N, K] -> out [M, N] = x @ w.T; 
 # sweep needs half. Measured against the token-at-a-time walk, same inputs and results: 16384
 # tokens on one hot layer 46 vs 63-72 ms at 1 thread and 24 vs 36 ms at 2 threads; 2048 tokens
 # 7.2 vs 9.3 ms (bench/README.md).
+#
+# Tokens at one node share each load of its rows: the route sweep takes a tile's tokens by node
+# at every pass, the output sweep gives four tokens on one path one pass over its rows. The sums
+# are LLVM IR without fast-math flags (`_walk_dots`, `_walk_out`), the same code for a token
+# alone or in any group, so a token's route, logits and output never depend on its batch; that
+# is what lets the schedule change with the batch. Large batches on some CPUs (WALK_TUNING)
+# route by tiles down to a split level, then by the subtree each token entered there, with its
+# outputs: a deep row is read once for all the tokens at its node.
 
 ROUTE_TILE = 16   # tokens whose routes advance together, below ROUTE_TILE * ROUTE_TILES tokens
 SHARE = 4         # tokens that share each load of a node's rows (`_dots_share3`, `_out_share`)
@@ -699,10 +707,13 @@ def _target_cpu() -> str:
 # bench/README.md, "The walk per CPU"). A CPU not listed keeps DEFAULT_TUNING, the tuning
 # measured on Zen 4.
 #   leaf_order_min: tokens from which the output sweep takes them by leaf (`_leaf_order`).
+#   route_tile_max: the largest route tile (`route_tile`); tiles of 16 below 512 tokens.
+#   split_group: tokens per node at the split level (`_split_level`); NEVER: no split.
 NEVER = 1 << 62
 DEFAULT_TUNING = {"leaf_order_min": NEVER, "route_tile_max": ROUTE_TILE, "split_group": NEVER}
 WALK_TUNING = {
-    "icelake-server": {"leaf_order_min": 512, "split_group": 32, "route_tile_max": 64},    # Xeon Ice Lake-SP: w_out rows from a slow L3 and DRAM
+    # Xeon Ice Lake-SP: an L3 as slow as DRAM, so deep rows are worth reading once per group
+    "icelake-server": {"leaf_order_min": 512, "route_tile_max": 64, "split_group": 32},
 }
 TUNING = {**DEFAULT_TUNING, **WALK_TUNING.get(_target_cpu(), {})}
 LEAF_ORDER_MIN = TUNING["leaf_order_min"]
