@@ -644,7 +644,7 @@ def _fff_route_tile(x, w_in, b_in, depth, routes, logits, tile, size, stop=1 << 
     included): node ids and logits z, root first (heap order: children 2n+1, 2n+2)."""
     t0 = tile * size
     t1 = min(t0 + size, x.shape[0])
-    order = np.arange(t0, t1).astype(np.int64)
+    order = np.arange(t0, t1)   # int64, as t0
     for t in range(t0, t1):
         routes[t, 0] = 0
     _route_levels(x, w_in, b_in, depth, routes, logits, order, np.empty_like(order), 0, min(stop, depth + 1))
@@ -795,7 +795,7 @@ def _worth_splitting(x, w_in, b_in, depth, split, probe):  # -> whether the firs
     k = min(probe, x.shape[0])
     routes = np.zeros((k, depth + 1), np.int32)
     logits = np.empty((k, depth + 1), np.float32)
-    order = np.arange(k).astype(np.int64)
+    order = np.arange(np.int64(k))
     _route_levels(x, w_in, b_in, depth, routes, logits, order, np.empty_like(order), 0, split)
     distinct = 1
     for i in range(1, k):   # order is sorted by node at the last pass: count the runs at `split`
