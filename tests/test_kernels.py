@@ -396,35 +396,41 @@ def matmul_s8_ref(xq, wq):  # [M, Kp] int8, [N, Kp] int8 -> [M, N] int32, every 
     return xq.astype(np.int32) @ wq.astype(np.int32).T
 
 
+@pytest.mark.parametrize("zero", [0, 128])
 @pytest.mark.parametrize("m,k", [(1, 768), (3, 5), (17, 201), (128, 768), (2, 1)])
-def test_quantize_rows_matches_naive(m, k):
+def test_quantize_rows_matches_naive(m, k, zero):
+    """s8 activations (zero 0), or the same values + 128 as u8 (zero 128, for VNNI), padding included."""
     rng = np.random.default_rng(m + k)
     x = (rng.standard_normal((m, k), dtype=f32) * rng.uniform(0.01, 30, (m, 1))).astype(f32)
     x[0, 0] = -np.abs(x[0]).max() * 2                # the extreme is exactly -127
-    q, scale = quant.quantize_activations(x)
+    q, scale = quant.quantize_activations(x, zero)
     ref_q, ref_scale = quantize_rows_ref(x)
-    np.testing.assert_array_equal(q, ref_q)
+    assert q.dtype == (np.int8 if zero == 0 else np.uint8)
+    np.testing.assert_array_equal(q.astype(np.int32) - zero, ref_q)
     np.testing.assert_array_equal(scale, ref_scale)
-    assert q[0, 0] == -127 and q.min() >= -127
+    assert q[0, 0] == zero - 127 and q.min() >= zero - 127
 
 
-def test_quantize_rows_zero_and_bad_tokens():
+@pytest.mark.parametrize("zero", [0, 128])
+def test_quantize_rows_zero_and_bad_tokens(zero):
     x = np.array([[0, 0, 0], [1, np.nan, 2], [np.inf, 1, 0], [-3, 0, 1.5]], f32)
-    q, scale = quant.quantize_activations(x)
+    q, scale = quant.quantize_activations(x, zero)
+    q = q.astype(np.int32) - zero
     assert scale[0] == 0 and not q[0].any()
     assert np.isnan(scale[1]) and np.isnan(scale[2]) and not q[1].any() and not q[2].any()
-    assert q[3, :3].tolist() == [-127, 0, 64] and scale[3] == f32(3) / f32(127)
+    assert q[3].tolist() == [-127, 0, 64, 0] and scale[3] == f32(3) / f32(127)
 
 
 INT8_SHAPES = [(m, k, n) for m in (1, 2, 3, 5, 17, 128) for k, n in ((768, 100), (200, 2304 if m < 17 else 77))] + \
-    [(4, 3, 1), (6, 36, 65), (7, 768, 768)]
+    [(4, 3, 1), (6, 36, 65), (7, 768, 768), (8, 20, 48), (9, 64, 49), (15, 44, 95), (16, 768, 97), (23, 12, 3)]
 
 
 def product_args(name, xq, xs, wq, ws):
-    """The arguments of product `name` for activations xq and int8 weights wq [N, Kp]."""
+    """The arguments of product `name` for s8 activations xq and int8 weights wq [N, Kp] (the VNNI
+    product takes its activations as u8, xq + 128)."""
     data, wsum = quant.PRODUCTS[name].pack(wq)
     if name == "avx512_vnni":
-        return (xq, xs, data, ws, wsum)
+        return ((xq.astype(np.int16) + 128).astype(np.uint8), xs, data, ws, wsum)
     return (xq, xs, data, ws)
 
 
@@ -460,7 +466,7 @@ def test_int8_products_match_naive_exactly(name, m, k, n):
 def test_vnni_layout_puts_four_k_of_sixteen_columns_together():
     wq = np.arange(20 * 8, dtype=np.int64).reshape(20, 8).astype(np.int8)   # [N 20, Kp 8]
     packed, wsum = quant.pack_vnni(wq)
-    assert packed.shape == (kernels.VNNI_COLS // 16, 2, 16, 4)               # N padded to 64
+    assert packed.shape == (kernels.VNNI_COLS // 16, 2, 16, 4)               # N padded to 48
     assert packed[0, 1, 3].tolist() == wq[3, 4:8].tolist() and packed[1, 0, 2].tolist() == wq[18, 0:4].tolist()
     assert not packed[1, :, 4:].any()
     np.testing.assert_array_equal(wsum, 128 * wq.astype(np.int32).sum(axis=1))
