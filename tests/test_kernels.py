@@ -428,9 +428,11 @@ INT8_SHAPES = [(m, k, n) for m in (1, 2, 3, 5, 17, 128) for k, n in ((768, 100),
 def product_args(name, xq, xs, wq, ws):
     """The arguments of product `name` for s8 activations xq and int8 weights wq [N, Kp] (the VNNI
     product takes its activations as u8, xq + 128)."""
-    data, wsum = quant.PRODUCTS[name].pack(wq)
+    product = quant.PRODUCTS[name]
+    data, wsum = product.pack(wq)
+    xq = (xq.astype(np.int16) + product.zero).astype(quant.ACTIVATIONS[product.zero])
     if name == "avx512_vnni":
-        return ((xq.astype(np.int16) + 128).astype(np.uint8), xs, data, ws, wsum)
+        return (xq, xs, data, ws, wsum)
     return (xq, xs, data, ws)
 
 
@@ -495,10 +497,44 @@ def test_int8_products_with_helpers_equal_themselves_alone(name, monkeypatch):
         threads.set_threads(threads.available())
 
 
+VNNI = pytest.mark.skipif("avx512_vnni" not in quant.available(), reason="this CPU has no AVX-512 VNNI")
+
+
+@VNNI
+@pytest.mark.parametrize("m,k,n", [(1, 768, 2304), (5, 36, 65), (17, 200, 100), (300, 96, 300)])
+def test_vnni_linear_is_quantize_then_product(m, k, n, monkeypatch):
+    """linear_s8_vnni (one launch) gives the bits of quantize_rows (u8) then matmul_s8_vnni,
+    alone and with helpers joining both of its sweeps; zero and NaN tokens included."""
+    rng = np.random.default_rng(m + k + n)
+    x = rng.standard_normal((m, k), dtype=f32)
+    x[-1] = 0
+    if m > 2:
+        x[1, 3] = np.nan
+    q = quant.quantize(rng.standard_normal((n, k), dtype=f32), "avx512_vnni")
+    xq, xs = quant.quantize_activations(x, 128)
+    want = np.full((m, n), np.nan, f32)
+    kernels.matmul_s8_vnni(xq, xs, q.data, q.scale, q.wsum, want, np.zeros(kernels.SHARED_SLOTS, np.int64))
+    kp = quant.padded(k, kernels.INT8_K_ALIGN)
+    monkeypatch.setitem(kernels._SHARED, kernels.linear_s8_vnni, 1)
+    for n_threads in (1, 3):
+        threads.set_threads(n_threads)
+        try:
+            for _ in range(5 if n_threads > 1 else 1):
+                got, gq, gs = np.full_like(want, np.nan), np.empty((m, kp), np.uint8), np.empty(m, f32)
+                threads.run(kernels.linear_s8_vnni, x, gq, gs, q.data, q.scale, q.wsum, got)
+                np.testing.assert_array_equal(gq, xq)
+                np.testing.assert_array_equal(gs, xs)
+                np.testing.assert_array_equal(got, want)
+        finally:
+            threads.set_threads(threads.available())
+    assert not want[-1].any() and (m <= 2 or np.isnan(want[1]).all())
+    np.testing.assert_array_equal(quant.linear(x, q), want)
+
+
 def test_vnni_product_is_never_offered_without_the_feature(monkeypatch):
     """Its instruction does not exist on such a CPU: not in the products, not compiled by warmup."""
     monkeypatch.setattr(kernels, "host_features", lambda: frozenset({"avx2", "fma"}))
     assert kernels.int8_kernels() == [kernels.matmul_s8_rows]
-    assert kernels.matmul_s8_vnni not in kernels._example_calls()
+    assert not {kernels.matmul_s8_vnni, kernels.linear_s8_vnni} & set(kernels._example_calls())
     assert quant.available() == ["portable"]
     assert quant.quantize(np.ones((4, 8), f32)).product == "portable"

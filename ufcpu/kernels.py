@@ -901,18 +901,49 @@ def matmul_s8_vnni(xq, xs, wp, ws, wsum, out, state):
     fetch_add(state, SHARED_INSIDE, -1)
 
 
+@njit(inline="always", **_JIT)
+def _quantize_counted(blk, args):  # _quantize_block, then count it done
+    x, q, scale, zero, state = args
+    _quantize_block(blk, (x, q, scale, zero))
+    fetch_add(state, SHARED_DONE, 1)
+
+
+_quantize_counted_loop = claim_loop(_quantize_counted)
+
+
+@njit(**_JIT)
+def linear_s8_vnni(x, xq, xs, wp, ws, wsum, out, state):
+    """quantize_rows(x, xq, xs, U8_BIAS) then matmul_s8_vnni(xq, xs, wp, ws, wsum, out) as one
+    shared kernel: one launch (and one wake of the helpers) per projection. Threads claim blocks
+    of rows to quantize, wait until every row is (only for rows others are still on), then claim
+    the product's blocks."""
+    fetch_add(state, SHARED_INSIDE, 1)
+    row_blocks = (x.shape[0] + ROW_BLOCK - 1) // ROW_BLOCK
+    _quantize_counted_loop(state, SHARED_NEXT, row_blocks, (x, xq, xs, U8_BIAS, state))
+    while fetch_add(state, SHARED_DONE, 0) < row_blocks:   # rows other threads are still quantizing
+        pass
+    kq = wp.shape[1]
+    blocks = wp.shape[0] // VNNI_GROUPS
+    chunks = (xq.shape[0] + VNNI_TOKENS - 1) // VNNI_TOKENS
+    acc = np.empty((VNNI_ROWS, VNNI_COLS), np.int32)
+    args = (xq, xs, ws, wsum, out, acc, np.int64(xq.ctypes.data),
+            np.int64(xq.strides[0]), np.int64(wp.ctypes.data), kq * VNNI_GROUP * 4, kq, blocks)
+    _vnni_loop(state, SHARED_NEXT_2, chunks * blocks, args)
+    fetch_add(state, SHARED_INSIDE, -1)
+
+
 def host_features() -> frozenset:
     """The CPU features LLVM compiles the kernels for (llvmlite's reading of this CPU)."""
     import llvmlite.binding as llvm
     return frozenset(k for k, v in llvm.get_host_cpu_features().items() if v)
 
 
-# int8 product -> the CPU feature it needs (None: any CPU), fastest first; quant.py picks from here
-INT8_FEATURE = {matmul_s8_vnni: "avx512vnni", matmul_s8_rows: None}
+# int8 kernel -> the CPU feature it needs (None: any CPU), fastest first; quant.py picks from here
+INT8_FEATURE = {matmul_s8_vnni: "avx512vnni", linear_s8_vnni: "avx512vnni", matmul_s8_rows: None}
 
 
 def int8_kernels() -> list:
-    """-> the int8 products this CPU runs, fastest first."""
+    """-> the int8 kernels this CPU runs, fastest first."""
     have = host_features()
     return [k for k, feature in INT8_FEATURE.items() if feature is None or feature in have]
 
@@ -934,6 +965,7 @@ _SHARED = {  # kernel -> first-argument size from which helpers are offered a sh
     quantize_rows: 256 * 768,       # as LayerNorm: one pass over each row
     matmul_s8_rows: 2 * 768,        # as matmul_nt
     matmul_s8_vnni: 2 * 768,
+    linear_s8_vnni: 2 * 768,
 }
 
 
@@ -963,6 +995,9 @@ def _example_calls() -> dict:
     if matmul_s8_vnni in int8_kernels():   # never compiled where its instruction does not exist
         calls[matmul_s8_vnni] = [(np.ones((2, 4), np.uint8), np.ones(2, f32), k(np.ones((3, 1, 16, 4), np.int8)),
                                   k(np.ones(3, f32)), k(np.zeros(3, np.int32)), np.empty((2, 3), f32)) for k in kinds]
+        calls[linear_s8_vnni] = [(np.ones((2, 4), f32), np.empty((2, 4), np.uint8), np.empty(2, f32),
+                                  k(np.ones((3, 1, 16, 4), np.int8)), k(np.ones(3, f32)), k(np.zeros(3, np.int32)),
+                                  np.empty((2, 3), f32)) for k in kinds]
     return calls
 
 

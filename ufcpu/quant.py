@@ -75,19 +75,21 @@ def pack_vnni(wq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return packed, int(kernels.U8_BIAS) * wq.sum(axis=1, dtype=np.int32)
 
 
-def _run_rows(x8, xs, q: QLinear, out):
+def _run_rows(x, q: QLinear, out):
+    x8, xs = quantize_activations(x, 0)
     threads.run(kernels.matmul_s8_rows, x8, xs, q.data, q.scale, out)
 
 
-def _run_vnni(x8, xs, q: QLinear, out):
-    threads.run(kernels.matmul_s8_vnni, x8, xs, q.data, q.scale, q.wsum, out)
+def _run_vnni(x, q: QLinear, out):  # quantized and multiplied in one launch
+    x8 = np.empty((x.shape[0], padded(x.shape[1], kernels.INT8_K_ALIGN)), np.uint8)
+    threads.run(kernels.linear_s8_vnni, x, x8, np.empty(x.shape[0], f32), q.data, q.scale, q.wsum, out)
 
 
 @dataclasses.dataclass(frozen=True)
 class Product:
     kernel: object     # the kernels.py function
     pack: object       # wq [N, Kp] int8 -> (data, wsum)
-    run: object        # (xq, x_scale, QLinear, out) -> None: out = the product
+    run: object        # (x float32 [M, K], QLinear, out) -> None: out = the product, x quantized on the way
     max_k: int | None  # widest K it computes exactly, None: any
     zero: int          # the stored value of an activation 0: 0 for s8 activations, 128 for u8
 
@@ -138,9 +140,7 @@ def linear(x: np.ndarray, q: QLinear) -> np.ndarray:  # [M, K] float32, QLinear 
     out = np.empty((x.shape[0], q.n), f32)
     if x.shape[0] == 0:
         return out
-    p = PRODUCTS[q.product]
-    x8, xs = quantize_activations(x, p.zero)
-    p.run(x8, xs, q, out)
+    PRODUCTS[q.product].run(x, q, out)
     return out
 
 
