@@ -603,7 +603,8 @@ def fff_walk(x, w_in, b_in, w_out, depth, out, routes, logits, state):
 # Two products, one per weight layout (ufcpu/quant.py packs the weights for the one the CPU runs):
 # - matmul_s8_rows: plain rows [N, Kp], summed exactly on the float32 units (below); any CPU.
 # - matmul_s8_vnni: AVX-512 VNNI vpdpbusd on packed groups [Np/16, Kp/4, 16, 4]; only where the
-#   CPU has avx512_vnni (elsewhere its instruction is illegal), chosen by `INT8_FEATURE`.
+#   CPU has avx512_vnni (elsewhere its instruction is illegal), chosen by `INT8_FEATURE`;
+#   linear_s8_vnni quantizes the activations and runs it in one launch (what quant.py calls).
 
 INT8_K_ALIGN = 4     # K of activations and weights padded to a 4-byte group (one vpdpbusd lane)
 VNNI_GROUP = 16      # output columns of one vpdpbusd (16 int32 lanes)
