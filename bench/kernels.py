@@ -10,11 +10,13 @@
   token count up to which the kernel wins is `model.SMALL_PRODUCT_TOKENS`.
 - `int8`: the same products (M = 1, 11, 16, 128, 1024) at 1 and 2 threads in GOPS (2 M N K / s):
   float32 OpenBLAS and `kernels.matmul_nt` against `quant.linear` with each int8 product this CPU
-  runs (the activations' quantization included), next to the CPU's int8 and float32 peaks.
+  runs (the activations' quantization included), next to the CPU's int8 and float32 peaks, and the
+  GB/s of int8 weights the fastest one reads. `--ab REV` adds the int8 products of git revision
+  REV (its ufcpu/ unpacked beside this one), taking turns with this checkout's.
 
 Microseconds per call, medians of repeats, one process, the variants taking turns.
 
-    python bench/kernels.py [--threads 2] [--out DIR] [--smoke]
+    python bench/kernels.py [--threads 2] [--out DIR] [--smoke] [--only int8] [--ab REV]
 """
 from __future__ import annotations
 
@@ -127,13 +129,26 @@ def peaks(info: dict) -> dict:
             "f32_gflops_per_core": 2 * 32 * ghz if ghz else None}
 
 
-def measure_int8(token_counts, repeats: int, rng, thread_counts=(1, 2)) -> list[dict]:
+def other_quant(revision: str):
+    """-> (quant, threads) modules of git revision `revision`, as bench/kernels_ab.py unpacks it."""
+    import importlib
+
+    from kernels_ab import other_kernels
+    other_kernels(revision)
+    return importlib.import_module("ufcpu_ab.quant"), importlib.import_module("ufcpu_ab.threads")
+
+
+def measure_int8(token_counts, repeats: int, rng, thread_counts=(1, 2), ab: str | None = None) -> list[dict]:
     rows = []
+    other = other_quant(ab) if ab else None
     for n_out in (3 * H, H):
         ws = [rng.standard_normal((n_out, H), dtype=f32) * f32(0.05) for _ in range(8)]
         qs = {name: [quant.quantize(w, name) for w in ws] for name in quant.available()}
+        old = {name: [other[0].quantize(w, name) for w in ws] for name in other[0].available()} if other else {}
         for t in thread_counts:
             threads.set_threads(t)
+            if other:
+                other[1].set_threads(t)
             for m in token_counts:
                 x = rng.standard_normal((m, H), dtype=f32)
                 out = np.empty((m, n_out), f32)
@@ -141,14 +156,33 @@ def measure_int8(token_counts, repeats: int, rng, thread_counts=(1, 2)) -> list[
                             "matmul_nt f32": lambda: [threads.run(kernels.matmul_nt, x, w, out) for w in ws]}
                 for name, q in qs.items():
                     variants[f"int8 {name}"] = lambda q=q: [quant.linear(x, w) for w in q]
-                times = {k: per_call_us(v, lambda: None, repeats) / len(ws) for k, v in variants.items()}
+                for name, q in old.items():
+                    variants[f"int8 {name} @{ab}"] = lambda q=q: [other[0].linear(x, w) for w in q]
+                times = interleaved_us(variants, repeats, len(ws))
                 ops = 2.0 * m * n_out * H
+                best = min((k for k in times if k.startswith("int8") and "@" not in k), key=times.get)
                 row = {"n": n_out, "tokens": m, "threads": t,
-                       "us": times, "gops": {k: ops / (v * 1e3) for k, v in times.items()}}
+                       "us": times, "gops": {k: ops / (v * 1e3) for k, v in times.items()},
+                       "int8_weights_gbps": n_out * H / (times[best] * 1e3)}
                 rows.append(row)
                 log(f"  {t} threads {m:5} x {H} @ {H} x {n_out}: " +
                     "  ".join(f"{k} {row['gops'][k]:.0f} GOPS" for k in times))
     return rows
+
+
+def interleaved_us(variants: dict, repeats: int, calls: int) -> dict:
+    """-> microseconds per call of each variant, medians; the variants take turns, in an order
+    reversed every repeat, so that a slow spell of a shared machine falls on all of them."""
+    names = list(variants)
+    for fn in variants.values():
+        fn()
+    samples = {k: [] for k in names}
+    for r in range(repeats):
+        for k in (names if r % 2 else names[::-1]):
+            t = time.perf_counter()
+            variants[k]()
+            samples[k].append(time.perf_counter() - t)
+    return {k: 1e6 * float(np.median(v)) / calls for k, v in samples.items()}
 
 
 def markdown_int8(rows: list[dict], peak: dict) -> list[str]:
@@ -158,10 +192,11 @@ def markdown_int8(rows: list[dict], peak: dict) -> list[str]:
            f"{fmt(peak['int8_gops_per_core'])} GOPS, float32 (FMA) {fmt(peak['f32_gflops_per_core'])} GFLOPS. "
            "int8 times include quantizing the activations.", ""]
     out.append(common.md_table(
-        ["threads", "x", "w", *[f"{k} GOPS" for k in names], "int8 / best f32"],
+        ["threads", "x", "w", *[f"{k} GOPS" for k in names], "int8 / best f32", "int8 weights GB/s"],
         [[r["threads"], f"{r['tokens']} x {H}", f"{r['n']} x {H}", *[fmt(r["gops"][k]) for k in names],
-          fmt(max(v for k, v in r["gops"].items() if k.startswith("int8")) /
-              max(v for k, v in r["gops"].items() if k.endswith("f32")))] for r in rows]))
+          fmt(max(v for k, v in r["gops"].items() if k.startswith("int8") and "@" not in k) /
+              max(v for k, v in r["gops"].items() if k.endswith("f32"))),
+          fmt(r["int8_weights_gbps"])] for r in rows]))
     return out
 
 
@@ -191,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--smoke", action="store_true", help="two sizes, a few repeats: checks the script runs")
     ap.add_argument("--only", choices=("shared", "products", "int8"), action="append", default=None,
                     help="measure only this part (repeatable; default: all)")
+    ap.add_argument("--ab", metavar="REV", default=None,
+                    help="also run the int8 products of this git revision, taking turns with these")
     args = ap.parse_args(argv)
     started = time.perf_counter()
     n = threads.set_threads(args.threads)
@@ -206,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     products = measure_products(product_tokens, max(3, repeats // 4), rng) if "products" in parts else []
     log("int8 products")
     int8 = measure_int8((1, 11) if args.smoke else (1, 11, 16, 128, 1024), max(3, repeats // 8), rng,
-                        (1,) if args.smoke else (1, 2)) if "int8" in parts else []
+                        (1,) if args.smoke else (1, 2), args.ab) if "int8" in parts else []
     threads.set_threads(n)
     info = common.machine_info()
     peak = peaks(info)

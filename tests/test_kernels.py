@@ -398,33 +398,41 @@ def matmul_s8_ref(xq, wq):  # [M, Kp] int8, [N, Kp] int8 -> [M, N] int32, every 
     return xq.astype(np.int32) @ wq.astype(np.int32).T
 
 
+@pytest.mark.parametrize("zero", [0, 128])
 @pytest.mark.parametrize("m,k", [(1, 768), (3, 5), (17, 201), (128, 768), (2, 1)])
-def test_quantize_rows_matches_naive(m, k):
+def test_quantize_rows_matches_naive(m, k, zero):
+    """s8 activations (zero 0), or the same values + 128 as u8 (zero 128, for VNNI), padding included."""
     rng = np.random.default_rng(m + k)
     x = (rng.standard_normal((m, k), dtype=f32) * rng.uniform(0.01, 30, (m, 1))).astype(f32)
     x[0, 0] = -np.abs(x[0]).max() * 2                # the extreme is exactly -127
-    q, scale = quant.quantize_activations(x)
+    q, scale = quant.quantize_activations(x, zero)
     ref_q, ref_scale = quantize_rows_ref(x)
-    np.testing.assert_array_equal(q, ref_q)
+    assert q.dtype == (np.int8 if zero == 0 else np.uint8)
+    np.testing.assert_array_equal(q.astype(np.int32) - zero, ref_q)
     np.testing.assert_array_equal(scale, ref_scale)
-    assert q[0, 0] == -127 and q.min() >= -127
+    assert q[0, 0] == zero - 127 and q.min() >= zero - 127
 
 
-def test_quantize_rows_zero_and_bad_tokens():
+@pytest.mark.parametrize("zero", [0, 128])
+def test_quantize_rows_zero_and_bad_tokens(zero):
     x = np.array([[0, 0, 0], [1, np.nan, 2], [np.inf, 1, 0], [-3, 0, 1.5]], f32)
-    q, scale = quant.quantize_activations(x)
+    q, scale = quant.quantize_activations(x, zero)
+    q = q.astype(np.int32) - zero
     assert scale[0] == 0 and not q[0].any()
     assert np.isnan(scale[1]) and np.isnan(scale[2]) and not q[1].any() and not q[2].any()
-    assert q[3, :3].tolist() == [-127, 0, 64] and scale[3] == f32(3) / f32(127)
+    assert q[3].tolist() == [-127, 0, 64, 0] and scale[3] == f32(3) / f32(127)
 
 
 INT8_SHAPES = [(m, k, n) for m in (1, 2, 3, 5, 17, 128) for k, n in ((768, 100), (200, 2304 if m < 17 else 77))] + \
-    [(4, 3, 1), (6, 36, 65), (7, 768, 768)]
+    [(4, 3, 1), (6, 36, 65), (7, 768, 768), (8, 20, 48), (9, 64, 49), (15, 44, 95), (16, 768, 97), (23, 12, 3)]
 
 
 def product_args(name, xq, xs, wq, ws):
-    """The arguments of product `name` for activations xq and int8 weights wq [N, Kp]."""
-    data, wsum = quant.PRODUCTS[name].pack(wq)
+    """The arguments of product `name` for s8 activations xq and int8 weights wq [N, Kp] (the VNNI
+    product takes its activations as u8, xq + 128)."""
+    product = quant.PRODUCTS[name]
+    data, wsum = product.pack(wq)
+    xq = (xq.astype(np.int16) + product.zero).astype(quant.ACTIVATIONS[product.zero])
     if name == "avx512_vnni":
         return (xq, xs, data, ws, wsum)
     return (xq, xs, data, ws)
@@ -462,7 +470,7 @@ def test_int8_products_match_naive_exactly(name, m, k, n):
 def test_vnni_layout_puts_four_k_of_sixteen_columns_together():
     wq = np.arange(20 * 8, dtype=np.int64).reshape(20, 8).astype(np.int8)   # [N 20, Kp 8]
     packed, wsum = quant.pack_vnni(wq)
-    assert packed.shape == (kernels.VNNI_COLS // 16, 2, 16, 4)               # N padded to 64
+    assert packed.shape == (kernels.VNNI_COLS // 16, 2, 16, 4)               # N padded to 48
     assert packed[0, 1, 3].tolist() == wq[3, 4:8].tolist() and packed[1, 0, 2].tolist() == wq[18, 0:4].tolist()
     assert not packed[1, :, 4:].any()
     np.testing.assert_array_equal(wsum, 128 * wq.astype(np.int32).sum(axis=1))
@@ -491,11 +499,45 @@ def test_int8_products_with_helpers_equal_themselves_alone(name, monkeypatch):
         threads.set_threads(threads.available())
 
 
+VNNI = pytest.mark.skipif("avx512_vnni" not in quant.available(), reason="this CPU has no AVX-512 VNNI")
+
+
+@VNNI
+@pytest.mark.parametrize("m,k,n", [(1, 768, 2304), (5, 36, 65), (17, 200, 100), (300, 96, 300)])
+def test_vnni_linear_is_quantize_then_product(m, k, n, monkeypatch):
+    """linear_s8_vnni (one launch) gives the bits of quantize_rows (u8) then matmul_s8_vnni,
+    alone and with helpers joining both of its sweeps; zero and NaN tokens included."""
+    rng = np.random.default_rng(m + k + n)
+    x = rng.standard_normal((m, k), dtype=f32)
+    x[-1] = 0
+    if m > 2:
+        x[1, 3] = np.nan
+    q = quant.quantize(rng.standard_normal((n, k), dtype=f32), "avx512_vnni")
+    xq, xs = quant.quantize_activations(x, 128)
+    want = np.full((m, n), np.nan, f32)
+    kernels.matmul_s8_vnni(xq, xs, q.data, q.scale, q.wsum, want, np.zeros(kernels.SHARED_SLOTS, np.int64))
+    kp = quant.padded(k, kernels.INT8_K_ALIGN)
+    monkeypatch.setitem(kernels._SHARED, kernels.linear_s8_vnni, 1)
+    for n_threads in (1, 3):
+        threads.set_threads(n_threads)
+        try:
+            for _ in range(5 if n_threads > 1 else 1):
+                got, gq, gs = np.full_like(want, np.nan), np.empty((m, kp), np.uint8), np.empty(m, f32)
+                threads.run(kernels.linear_s8_vnni, x, gq, gs, q.data, q.scale, q.wsum, got)
+                np.testing.assert_array_equal(gq, xq)
+                np.testing.assert_array_equal(gs, xs)
+                np.testing.assert_array_equal(got, want)
+        finally:
+            threads.set_threads(threads.available())
+    assert not want[-1].any() and (m <= 2 or np.isnan(want[1]).all())
+    np.testing.assert_array_equal(quant.linear(x, q), want)
+
+
 def test_vnni_product_is_never_offered_without_the_feature(monkeypatch):
     """Its instruction does not exist on such a CPU: not in the products, not compiled by warmup."""
     monkeypatch.setattr(kernels, "host_features", lambda: frozenset({"avx2", "fma"}))
     assert kernels.int8_kernels() == [kernels.matmul_s8_rows]
-    assert kernels.matmul_s8_vnni not in kernels._example_calls()
+    assert not {kernels.matmul_s8_vnni, kernels.linear_s8_vnni} & set(kernels._example_calls())
     assert quant.available() == ["portable"]
     assert quant.quantize(np.ones((4, 8), f32)).product == "portable"
 

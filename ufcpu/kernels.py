@@ -895,17 +895,20 @@ def fff_walk(x, w_in, b_in, w_out, depth, out, routes, logits, state):
 # int8 projections: per-token quantized activations times per-output-channel int8 weights
 # ---------------------------------------------------------------------------------------------
 # out[m, n] = float32(sum_k xq[m, k] * wq[n, k]) * (x_scale[m] * w_scale[n]), the sum exact in int32.
-# Activations: s8 in [-127, 127], scale max|x| / 127 per token, K padded with zeros to INT8_K_ALIGN.
+# Activations: s8 in [-127, 127], scale max|x| / 127 per token, K padded with zeros to INT8_K_ALIGN;
+# stored as u8 (s8 + 128) for the VNNI product, whose vpdpbusd multiplies u8 by s8.
 # Two products, one per weight layout (ufcpu/quant.py packs the weights for the one the CPU runs):
 # - matmul_s8_rows: plain rows [N, Kp], summed exactly on the float32 units (below); any CPU.
 # - matmul_s8_vnni: AVX-512 VNNI vpdpbusd on packed groups [Np/16, Kp/4, 16, 4]; only where the
-#   CPU has avx512_vnni (elsewhere its instruction is illegal), chosen by `INT8_FEATURE`.
+#   CPU has avx512_vnni (elsewhere its instruction is illegal), chosen by `INT8_FEATURE`;
+#   linear_s8_vnni quantizes the activations and runs it in one launch (what quant.py calls).
 
 INT8_K_ALIGN = 4     # K of activations and weights padded to a 4-byte group (one vpdpbusd lane)
 VNNI_GROUP = 16      # output columns of one vpdpbusd (16 int32 lanes)
-VNNI_GROUPS = 4      # column groups of a register block: 4 tokens x 64 columns in 16 zmm accumulators
-VNNI_ROWS = 4        # tokens of a register block
+VNNI_GROUPS = 3      # column groups of a register block: 8 tokens x 48 columns in 24 zmm accumulators
+VNNI_ROWS = 8        # tokens of a register block (at most)
 VNNI_COLS = VNNI_GROUP * VNNI_GROUPS   # output columns per claim; N is padded to a multiple of it
+VNNI_TOKENS = 256    # tokens per claim: their activations (192 KB at K 768) stay in L2 over every column block
 U8_BIAS = np.int32(128)                # vpdpbusd multiplies u8 by s8: x + 128, minus 128 * sum_k w[n, k]
 
 
@@ -931,43 +934,58 @@ def _divide(a, b):
     return a / b
 
 
+@intrinsic
+def _f32_bits(typingctx, value):
+    """The bits of a float32 as an int32 (the inverse of _f32_from_bits)."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+    return types.int32(types.float32), codegen
+
+
+F32_ABS = np.int32(0x7FFFFFFF)   # all bits but the sign
+F32_INF = np.int32(0x7F800000)   # +inf; the bits of |x| are above it only for NaN
+
+
 @njit(inline="always", **_JIT)
-def _quantize_row(x, q, scale, t):
+def _quantize_row(x, q, scale, zero, t):
     row = x[t]
-    amax = np.float32(0.0)
-    bad = False
+    # max |x| on the bits: integers order |x| as floats do (NaN above inf), and an integer max
+    # vectorises where a float max reduction (without fast-math's nnan) does not: 6x faster.
+    top = np.int32(0)
     for k in range(row.shape[0]):
-        a = abs(row[k])
-        bad |= a != a
-        amax = max(amax, a)
+        b = _f32_bits(row[k]) & F32_ABS
+        top = b if b > top else top
     qr = q[t]
-    if bad or not np.isfinite(amax) or amax == np.float32(0.0):   # NaN/inf give NaN outputs, zeros give zeros
-        scale[t] = np.float32(np.nan) if amax != np.float32(0.0) or bad else np.float32(0.0)
+    if top >= F32_INF or top == 0:   # NaN/inf give NaN outputs, zeros give zeros
+        scale[t] = np.float32(np.nan) if top else np.float32(0.0)
         for k in range(qr.shape[0]):
-            qr[k] = 0
+            qr[k] = zero
         return
+    amax = _f32_from_bits(top)
     inv = _divide(np.float32(127.0), amax)
     scale[t] = _divide(amax, np.float32(127.0))
     for k in range(row.shape[0]):
-        qr[k] = np.int8(min(max(np.rint(row[k] * inv), np.float32(-127.0)), np.float32(127.0)))
+        qr[k] = np.int32(min(max(np.rint(row[k] * inv), np.float32(-127.0)), np.float32(127.0))) + zero
     for k in range(row.shape[0], qr.shape[0]):
-        qr[k] = 0
+        qr[k] = zero
 
 
 @njit(inline="always", **_JIT)
 def _quantize_block(blk, args):
-    x, q, scale = args
+    x, q, scale, zero = args
     for t in range(blk * ROW_BLOCK, min((blk + 1) * ROW_BLOCK, x.shape[0])):
-        _quantize_row(x, q, scale, t)
+        _quantize_row(x, q, scale, zero, t)
 
 
 _quantize_loop = claim_loop(_quantize_block)
 
 
 @njit(**_JIT)
-def quantize_rows(x, q, scale, state):  # x [M, K] float32 -> q [M, Kp] int8, scale [M] float32; shared
+def quantize_rows(x, q, scale, zero, state):
+    """x [M, K] float32 -> q [M, Kp], scale [M] float32: q = rint(x / scale) + zero, with zero 0
+    for int8 q (s8) or 128 for uint8 q (the u8 operand of vpdpbusd); K padded with `zero`. Shared."""
     fetch_add(state, SHARED_INSIDE, 1)
-    _quantize_loop(state, SHARED_NEXT, (x.shape[0] + ROW_BLOCK - 1) // ROW_BLOCK, (x, q, scale))
+    _quantize_loop(state, SHARED_NEXT, (x.shape[0] + ROW_BLOCK - 1) // ROW_BLOCK, (x, q, scale, np.int32(zero)))
     fetch_add(state, SHARED_INSIDE, -1)
 
 
@@ -1041,73 +1059,124 @@ def matmul_s8_rows(xq, xs, wq, ws, out, state):  # xq [M, Kp] s8, xs [M], wq [N,
     fetch_add(state, SHARED_INSIDE, -1)
 
 
+def _vnni_rows(builder, dp, rows, xbase, xstride, wbase, wstride, count, cells):
+    """IR of one register block of `rows` tokens: cells[r][g] += u8 x_r[4i..4i+3] . s8 w[g][i]
+    over i < count; token r's bytes at xbase + r * xstride, group g's at wbase + g * wstride."""
+    i8, i32, i64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
+    v16 = ir.VectorType(i32, VNNI_GROUP)
+    zeros = ir.Constant(v16, None)
+    xs = [builder.gep(xbase, [builder.mul(ir.Constant(i64, r), xstride)]) for r in range(rows)]
+    ws = [builder.gep(wbase, [builder.mul(ir.Constant(i64, g), wstride)]) for g in range(VNNI_GROUPS)]
+    for r in range(rows):
+        for g in range(VNNI_GROUPS):
+            builder.store(zeros, cells[r][g])
+    with cgutils.for_range(builder, count) as loop:
+        i = loop.index
+        wv = [builder.load(builder.bitcast(builder.gep(w, [builder.mul(i, ir.Constant(i64, 64))]), v16.as_pointer()),
+                           align=1) for w in ws]
+        for r in range(rows):
+            word = builder.load(builder.bitcast(builder.gep(xs[r], [builder.mul(i, ir.Constant(i64, 4))]),
+                                                i32.as_pointer()), align=1)
+            bcast = builder.shuffle_vector(builder.insert_element(zeros, word, ir.Constant(i32, 0)), zeros, zeros)
+            for g in range(VNNI_GROUPS):
+                builder.store(builder.call(dp, [builder.load(cells[r][g]), bcast, wv[g]]), cells[r][g])
+
+
+# Numba's fast-math pass gives every float instruction that has no flags its own: one flag that
+# means nothing to a product (reciprocals) keeps these two IEEE, as _dequant's.
+_NO_REASSOC = ("arcp",)
+
+
+def _vnni_scale_rows(builder, rows, cells, xs, ws, wsum, out, out_stride):
+    """IR: out[r, 16g + j] = float32(cells[r][g][j] - wsum[16g + j]) * (xs[r] * ws[16g + j]) for a
+    full block of VNNI_COLS columns (the rounding of _dequant: IEEE products, no fast-math flags)."""
+    f32, i32, i64 = ir.FloatType(), ir.IntType(32), ir.IntType(64)
+    v16i, v16f = ir.VectorType(i32, VNNI_GROUP), ir.VectorType(f32, VNNI_GROUP)
+    zeros = ir.Constant(v16i, None)
+    wsv = [builder.load(builder.bitcast(builder.gep(ws, [ir.Constant(i64, 16 * g)]), v16f.as_pointer()), align=4)
+           for g in range(VNNI_GROUPS)]
+    zv = [builder.load(builder.bitcast(builder.gep(wsum, [ir.Constant(i64, 16 * g)]), v16i.as_pointer()), align=4)
+          for g in range(VNNI_GROUPS)]
+    for r in range(rows):
+        c = builder.load(builder.gep(xs, [ir.Constant(i64, r)]))
+        cv = builder.shuffle_vector(builder.insert_element(ir.Constant(v16f, None), c, ir.Constant(i32, 0)),
+                                    ir.Constant(v16f, None), zeros)
+        row = builder.gep(out, [builder.mul(ir.Constant(i64, r), out_stride)])
+        for g in range(VNNI_GROUPS):
+            exact = builder.sitofp(builder.sub(builder.load(cells[r][g]), zv[g]), v16f)
+            value = builder.fmul(exact, builder.fmul(cv, wsv[g], flags=_NO_REASSOC), flags=_NO_REASSOC)
+            ptr = builder.bitcast(builder.gep(row, [ir.Constant(i64, 16 * g)]), v16f.as_pointer())
+            builder.store(value, ptr, align=4)
+
+
 @intrinsic
-def _vnni_tile(typingctx, x0, x1, x2, x3, w, w_stride, kq, acc):
+def _vnni_tile(typingctx, x, x_stride, rows, w, w_stride, kq, scales, acc):
     """The register block of matmul_s8_vnni, written in LLVM IR (Numba has no vector types):
-    acc[r, 16g + j] = sum_i u8(x_r[4i..4i+3]) . s8(w[g * w_stride + 64i + 4j ..]) for 4 token rows
-    x_r, 4 column groups g, i < kq; x_r are s8 rows, made u8 by flipping the top bit (x + 128).
-    Addresses are integers (`arr.ctypes.data`); acc is int32 [4, 64]."""
+    sums[r, 16g + j] = sum_i u8(x[r * x_stride + 4i ..]) . s8(w[g * w_stride + 64i + 4j ..]) for
+    `rows` (1..VNNI_ROWS) tokens and VNNI_GROUPS column groups, i < kq, one loop per token count
+    (a short last tile computes only its own rows). scales = (xs, ws, wsum, out, out_stride, full):
+    addresses of the tile's first x_scale, w_scale, wsum and output, the output's row stride in
+    floats; a full block of columns is scaled into out here, else the sums go to acc [VNNI_ROWS,
+    VNNI_COLS] int32 for the caller to scale the columns that exist. Addresses are integers."""
     def codegen(context, builder, signature, args):
-        i8, i32, i64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
+        i8, i32, i64, f32 = ir.IntType(8), ir.IntType(32), ir.IntType(64), ir.FloatType()
         v16 = ir.VectorType(i32, VNNI_GROUP)
         # The <16 x i32> operand form: LLVM 22 (llvmlite 0.46) declares <64 x i8> and upgrades this one.
         dp = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16, [v16, v16, v16]),
                                             "llvm.x86.avx512.vpdpbusd.512")
-        xs = [builder.inttoptr(a, i8.as_pointer()) for a in args[:4]]
-        wbase = builder.inttoptr(args[4], i8.as_pointer())
-        stride = context.cast(builder, args[5], signature.args[5], types.int64)
-        count = context.cast(builder, args[6], signature.args[6], types.int64)
-        cells = [[cgutils.alloca_once_value(builder, ir.Constant(v16, None)) for _ in range(VNNI_GROUPS)]
-                 for _ in range(VNNI_ROWS)]
-        flip = ir.Constant(i32, 0x80808080 - (1 << 32))
-        zeros = ir.Constant(ir.VectorType(i32, VNNI_GROUP), None)
-        with cgutils.for_range(builder, count) as loop:
-            i = loop.index
-            wv = []
-            for g in range(VNNI_GROUPS):
-                off = builder.add(builder.mul(ir.Constant(i64, g), stride), builder.mul(i, ir.Constant(i64, 64)))
-                ptr = builder.bitcast(builder.gep(wbase, [off]), v16.as_pointer())
-                wv.append(builder.load(ptr, align=1))
-            for r in range(VNNI_ROWS):
-                ptr = builder.bitcast(builder.gep(xs[r], [builder.mul(i, ir.Constant(i64, 4))]), i32.as_pointer())
-                word = builder.xor(builder.load(ptr, align=1), flip)
-                bcast = builder.shuffle_vector(builder.insert_element(zeros, word, ir.Constant(i32, 0)), zeros,
-                                               ir.Constant(ir.VectorType(i32, VNNI_GROUP), None))
-                for g in range(VNNI_GROUPS):
-                    cell = cells[r][g]
-                    builder.store(builder.call(dp, [builder.load(cell), bcast, wv[g]]), cell)
-        acc_type = signature.args[7]
-        acc_arr = context.make_array(acc_type)(context, builder, args[7])
-        base = builder.bitcast(acc_arr.data, i32.as_pointer())
-        for r in range(VNNI_ROWS):
-            for g in range(VNNI_GROUPS):
-                ptr = builder.bitcast(builder.gep(base, [ir.Constant(i64, r * VNNI_COLS + g * VNNI_GROUP)]),
-                                      v16.as_pointer())
-                builder.store(builder.load(cells[r][g]), ptr, align=4)
+        xbase = builder.inttoptr(args[0], i8.as_pointer())
+        wbase = builder.inttoptr(args[3], i8.as_pointer())
+        xstride, rows, wstride, count = (context.cast(builder, args[j], signature.args[j], types.int64)
+                                         for j in (1, 2, 4, 5))
+        sc = cgutils.unpack_tuple(builder, args[6])
+        xs, ws, out = (builder.inttoptr(sc[j], f32.as_pointer()) for j in (0, 1, 3))
+        wsum = builder.inttoptr(sc[2], i32.as_pointer())
+        out_stride, full = sc[4], builder.icmp_signed("!=", sc[5], ir.Constant(i64, 0))
+        acc_arr = context.make_array(signature.args[7])(context, builder, args[7])
+        acc = builder.bitcast(acc_arr.data, i32.as_pointer())
+        cells = [[cgutils.alloca_once(builder, v16) for _ in range(VNNI_GROUPS)] for _ in range(VNNI_ROWS)]
+        for r in range(1, VNNI_ROWS + 1):
+            with builder.if_then(builder.icmp_signed("==", rows, ir.Constant(i64, r))):
+                _vnni_rows(builder, dp, r, xbase, xstride, wbase, wstride, count, cells)
+                with builder.if_else(full) as (scaled, partial):
+                    with scaled:
+                        _vnni_scale_rows(builder, r, cells, xs, ws, wsum, out, out_stride)
+                    with partial:
+                        for t in range(r):
+                            for g in range(VNNI_GROUPS):
+                                ptr = builder.gep(acc, [ir.Constant(i64, t * VNNI_COLS + g * VNNI_GROUP)])
+                                builder.store(builder.load(cells[t][g]), builder.bitcast(ptr, v16.as_pointer()),
+                                              align=4)
         return context.get_dummy_value()
-    return types.void(x0, x1, x2, x3, w, w_stride, kq, acc), codegen
+    return types.void(x, x_stride, rows, w, w_stride, kq, scales, acc), codegen
 
 
 @njit(inline="always", **_JIT)
-def _vnni_block(b, args):  # output columns 64b..64b+63 of every token
-    xq, xs, ws, wsum, out, acc, base_x, row_x, base_w, group_bytes, kq = args
-    m_count = xq.shape[0]
-    last = m_count - 1
+def _vnni_block(i, args):  # claim i: output columns VNNI_COLS b .. of tokens VNNI_TOKENS c ..
+    xq, xs, ws, wsum, out, acc, base_x, row_x, base_w, group_bytes, kq, blocks = args
+    c, b = divmod(i, blocks)   # column blocks fastest: a chunk's activations stay in L2 while every block passes
     w = base_w + b * VNNI_GROUPS * group_bytes
     n0 = b * VNNI_COLS
     n1 = min(n0 + VNNI_COLS, out.shape[1])
-    for m in range(0, m_count, VNNI_ROWS):
-        _vnni_tile(base_x + m * row_x, base_x + min(m + 1, last) * row_x,
-                   base_x + min(m + 2, last) * row_x, base_x + min(m + 3, last) * row_x,
-                   w, group_bytes, kq, acc)
-        for r in range(min(VNNI_ROWS, m_count - m)):   # slices from 0: a loop LLVM vectorises
-            c = xs[m + r]
+    full = n1 - n0 == VNNI_COLS
+    m_end = min((c + 1) * VNNI_TOKENS, xq.shape[0])
+    row_out = np.int64(out.strides[0] // 4)
+    for m in range(c * VNNI_TOKENS, m_end, VNNI_ROWS):
+        rows = min(VNNI_ROWS, m_end - m)
+        scales = (np.int64(xs.ctypes.data) + 4 * m, np.int64(ws.ctypes.data) + 4 * n0,
+                  np.int64(wsum.ctypes.data) + 4 * n0, np.int64(out.ctypes.data) + 4 * (m * row_out + n0),
+                  row_out, np.int64(full))
+        _vnni_tile(base_x + m * row_x, row_x, rows, w, group_bytes, kq, scales, acc)
+        if full:
+            continue
+        for r in range(rows):   # the last, partial block: slices from 0, a loop LLVM vectorises
+            cs = xs[m + r]
             o = out[m + r, n0:n1]
             a = acc[r]
             s = ws[n0:n1]
             z = wsum[n0:n1]
             for j in range(o.shape[0]):
-                o[j] = _dequant(np.float32(a[j] - z[j]), c, s[j])
+                o[j] = _dequant(np.float32(a[j] - z[j]), cs, s[j])
 
 
 _vnni_loop = claim_loop(_vnni_block)
@@ -1115,15 +1184,49 @@ _vnni_loop = claim_loop(_vnni_block)
 
 @njit(**_JIT)
 def matmul_s8_vnni(xq, xs, wp, ws, wsum, out, state):
-    """xq [M, Kp] s8, xs [M], wp [Np/16, Kp/4, 16, 4] s8 (column n = 16 g + j at wp[g, :, j]),
-    ws [N], wsum [N] int32 = 128 * sum_k w[n, k] -> out [M, N]; shared over blocks of 64 columns.
-    Every register block reads 4 token rows (the last repeated past M) and 4 column groups."""
+    """xq [M, Kp] u8 (s8 + 128, from quantize_rows with zero 128), xs [M], wp [Np/16, Kp/4, 16, 4]
+    s8 (column n = 16 g + j at wp[g, :, j]), ws [N], wsum [N] int32 = 128 * sum_k w[n, k]
+    -> out [M, N]; shared over (chunk of VNNI_TOKENS tokens, block of VNNI_COLS columns), each
+    running its tokens through register blocks of VNNI_ROWS tokens while the block's weights stay in L1."""
     fetch_add(state, SHARED_INSIDE, 1)
     kq = wp.shape[1]
+    blocks = wp.shape[0] // VNNI_GROUPS
+    chunks = (xq.shape[0] + VNNI_TOKENS - 1) // VNNI_TOKENS
     acc = np.empty((VNNI_ROWS, VNNI_COLS), np.int32)   # this thread's register block, stored
     args = (xq, xs, ws, wsum, out, acc, np.int64(xq.ctypes.data),   # int64: uintp + int64 would be a float
-            np.int64(xq.strides[0]), np.int64(wp.ctypes.data), kq * VNNI_GROUP * 4, kq)
-    _vnni_loop(state, SHARED_NEXT, wp.shape[0] // VNNI_GROUPS, args)
+            np.int64(xq.strides[0]), np.int64(wp.ctypes.data), kq * VNNI_GROUP * 4, kq, blocks)
+    _vnni_loop(state, SHARED_NEXT, chunks * blocks, args)
+    fetch_add(state, SHARED_INSIDE, -1)
+
+
+@njit(inline="always", **_JIT)
+def _quantize_counted(blk, args):  # _quantize_block, then count it done
+    x, q, scale, zero, state = args
+    _quantize_block(blk, (x, q, scale, zero))
+    fetch_add(state, SHARED_DONE, 1)
+
+
+_quantize_counted_loop = claim_loop(_quantize_counted)
+
+
+@njit(**_JIT)
+def linear_s8_vnni(x, xq, xs, wp, ws, wsum, out, state):
+    """quantize_rows(x, xq, xs, U8_BIAS) then matmul_s8_vnni(xq, xs, wp, ws, wsum, out) as one
+    shared kernel: one launch (and one wake of the helpers) per projection. Threads claim blocks
+    of rows to quantize, wait until every row is (only for rows others are still on), then claim
+    the product's blocks."""
+    fetch_add(state, SHARED_INSIDE, 1)
+    row_blocks = (x.shape[0] + ROW_BLOCK - 1) // ROW_BLOCK
+    _quantize_counted_loop(state, SHARED_NEXT, row_blocks, (x, xq, xs, U8_BIAS, state))
+    while fetch_add(state, SHARED_DONE, 0) < row_blocks:   # rows other threads are still quantizing
+        pass
+    kq = wp.shape[1]
+    blocks = wp.shape[0] // VNNI_GROUPS
+    chunks = (xq.shape[0] + VNNI_TOKENS - 1) // VNNI_TOKENS
+    acc = np.empty((VNNI_ROWS, VNNI_COLS), np.int32)
+    args = (xq, xs, ws, wsum, out, acc, np.int64(xq.ctypes.data),
+            np.int64(xq.strides[0]), np.int64(wp.ctypes.data), kq * VNNI_GROUP * 4, kq, blocks)
+    _vnni_loop(state, SHARED_NEXT_2, chunks * blocks, args)
     fetch_add(state, SHARED_INSIDE, -1)
 
 
@@ -1133,12 +1236,12 @@ def host_features() -> frozenset:
     return frozenset(k for k, v in llvm.get_host_cpu_features().items() if v)
 
 
-# int8 product -> the CPU feature it needs (None: any CPU), fastest first; quant.py picks from here
-INT8_FEATURE = {matmul_s8_vnni: "avx512vnni", matmul_s8_rows: None}
+# int8 kernel -> the CPU feature it needs (None: any CPU), fastest first; quant.py picks from here
+INT8_FEATURE = {matmul_s8_vnni: "avx512vnni", linear_s8_vnni: "avx512vnni", matmul_s8_rows: None}
 
 
 def int8_kernels() -> list:
-    """-> the int8 products this CPU runs, fastest first."""
+    """-> the int8 kernels this CPU runs, fastest first."""
     have = host_features()
     return [k for k, feature in INT8_FEATURE.items() if feature is None or feature in have]
 
@@ -1160,6 +1263,7 @@ _SHARED = {  # kernel -> first-argument size from which helpers are offered a sh
     quantize_rows: 256 * 768,       # as LayerNorm: one pass over each row
     matmul_s8_rows: 2 * 768,        # as matmul_nt
     matmul_s8_vnni: 2 * 768,
+    linear_s8_vnni: 2 * 768,
 }
 
 
@@ -1181,13 +1285,17 @@ def _example_calls() -> dict:
         matmul_nt: [(x, k(np.ones((3, 4), f32)), np.empty((2, 3), f32)) for k in kinds],
         fff_walk: [(x, k(np.ones((3, 4), f32)), k(np.zeros(3, f32)), k(np.ones((3, 4), f32)), 1,
                     np.empty_like(x), np.empty((2, 2), np.int32), np.empty((2, 2), f32)) for k in kinds],
-        quantize_rows: [(k(np.ones((2, 4), f32)), np.empty((2, 4), np.int8), np.empty(2, f32)) for k in kinds],
+        quantize_rows: [(k(np.ones((2, 4), f32)), np.empty((2, 4), dt), np.empty(2, f32), zero)
+                        for k in kinds for dt, zero in ((np.int8, 0), (np.uint8, 128))],
         matmul_s8_rows: [(np.ones((2, 4), np.int8), np.ones(2, f32), k(np.ones((3, 4), np.int8)), k(np.ones(3, f32)),
                           np.empty((2, 3), f32)) for k in kinds],
     }
     if matmul_s8_vnni in int8_kernels():   # never compiled where its instruction does not exist
-        calls[matmul_s8_vnni] = [(np.ones((2, 4), np.int8), np.ones(2, f32), k(np.ones((4, 1, 16, 4), np.int8)),
+        calls[matmul_s8_vnni] = [(np.ones((2, 4), np.uint8), np.ones(2, f32), k(np.ones((3, 1, 16, 4), np.int8)),
                                   k(np.ones(3, f32)), k(np.zeros(3, np.int32)), np.empty((2, 3), f32)) for k in kinds]
+        calls[linear_s8_vnni] = [(np.ones((2, 4), f32), np.empty((2, 4), np.uint8), np.empty(2, f32),
+                                  k(np.ones((3, 1, 16, 4), np.int8)), k(np.ones(3, f32)), k(np.zeros(3, np.int32)),
+                                  np.empty((2, 3), f32)) for k in kinds]
     return calls
 
 

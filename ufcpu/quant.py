@@ -75,27 +75,30 @@ def pack_vnni(wq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return packed, int(kernels.U8_BIAS) * wq.sum(axis=1, dtype=np.int32)
 
 
-def _run_rows(x8, xs, q: QLinear, out):
+def _run_rows(x, q: QLinear, out):
+    x8, xs = quantize_activations(x, 0)
     threads.run(kernels.matmul_s8_rows, x8, xs, q.data, q.scale, out)
 
 
-def _run_vnni(x8, xs, q: QLinear, out):
-    threads.run(kernels.matmul_s8_vnni, x8, xs, q.data, q.scale, q.wsum, out)
+def _run_vnni(x, q: QLinear, out):  # quantized and multiplied in one launch
+    x8 = np.empty((x.shape[0], padded(x.shape[1], kernels.INT8_K_ALIGN)), np.uint8)
+    threads.run(kernels.linear_s8_vnni, x, x8, np.empty(x.shape[0], f32), q.data, q.scale, q.wsum, out)
 
 
 @dataclasses.dataclass(frozen=True)
 class Product:
     kernel: object     # the kernels.py function
     pack: object       # wq [N, Kp] int8 -> (data, wsum)
-    run: object        # (xq, x_scale, QLinear, out) -> None: out = the product
+    run: object        # (x float32 [M, K], QLinear, out) -> None: out = the product, x quantized on the way
     max_k: int | None  # widest K it computes exactly, None: any
+    zero: int          # the stored value of an activation 0: 0 for s8 activations, 128 for u8
 
 
 # int8 product name -> kernel and layout, fastest first; `available()` keeps those this CPU runs
 # (kernels.INT8_FEATURE). AMX would go first here: this engine has no AMX path yet.
 PRODUCTS = {
-    "avx512_vnni": Product(kernels.matmul_s8_vnni, pack_vnni, _run_vnni, None),
-    "portable": Product(kernels.matmul_s8_rows, pack_rows, _run_rows, kernels.S8_FLOAT_K),
+    "avx512_vnni": Product(kernels.matmul_s8_vnni, pack_vnni, _run_vnni, None, int(kernels.U8_BIAS)),
+    "portable": Product(kernels.matmul_s8_rows, pack_rows, _run_rows, kernels.S8_FLOAT_K, 0),
 }
 
 
@@ -120,10 +123,14 @@ def quantize(w: np.ndarray, product: str | None = None) -> QLinear:  # [N, K] fl
     return QLinear(n=n, k=k, product=name, data=data, scale=scale, wsum=wsum)
 
 
-def quantize_activations(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # [M, K] -> xq [M, Kp] int8, scale [M]
-    xq = np.empty((x.shape[0], padded(x.shape[1], kernels.INT8_K_ALIGN)), np.int8)
+ACTIVATIONS = {0: np.int8, int(kernels.U8_BIAS): np.uint8}   # zero -> the activations' dtype
+
+
+def quantize_activations(x: np.ndarray, zero: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """[M, K] -> xq [M, Kp] (int8, or uint8 = int8 + 128 for zero 128), scale [M]."""
+    xq = np.empty((x.shape[0], padded(x.shape[1], kernels.INT8_K_ALIGN)), ACTIVATIONS[zero])
     scale = np.empty(x.shape[0], f32)
-    threads.run(kernels.quantize_rows, x, xq, scale)
+    threads.run(kernels.quantize_rows, x, xq, scale, zero)
     return xq, scale
 
 
@@ -133,8 +140,7 @@ def linear(x: np.ndarray, q: QLinear) -> np.ndarray:  # [M, K] float32, QLinear 
     out = np.empty((x.shape[0], q.n), f32)
     if x.shape[0] == 0:
         return out
-    x8, xs = quantize_activations(x)
-    PRODUCTS[q.product].run(x8, xs, q, out)
+    PRODUCTS[q.product].run(x, q, out)
     return out
 
 
@@ -152,7 +158,7 @@ def dense(x: np.ndarray, w) -> np.ndarray:  # [M, K], [N, K] float32 or QLinear 
 # engine file's size and modification time: a file of another version or of an edited engine is
 # quantized again. Written to a temporary sibling and renamed, so a reader never sees half a file.
 
-INT8_VERSION = 1
+INT8_VERSION = 2   # 2: VNNI columns packed in blocks of 48 (was 64)
 INT8_KEY = "key"
 
 
