@@ -49,6 +49,7 @@ class Done:
     queue_s: float
     compute_s: float
     batch_inputs: int
+    end: float = 0.0    # perf_counter() when the model thread finished the job's batch
 
 
 class Worker:
@@ -164,7 +165,7 @@ class Worker:
         self.metrics.inc("ufcpu_tokens_total", int(lengths.sum()))
         end = time.perf_counter()
         for job, r in zip(jobs, rows):
-            _resolve(job, Done(r, start - job.enqueued, end - start, len(items)))
+            _resolve(job, Done(r, start - job.enqueued, end - start, len(items), end))
 
     def _run_call(self, job: Job) -> None:
         start = time.perf_counter()
@@ -173,7 +174,8 @@ class Worker:
         except Exception as e:
             _resolve(job, e)
             return
-        _resolve(job, Done(value, start - job.enqueued, time.perf_counter() - start, 1))
+        end = time.perf_counter()
+        _resolve(job, Done(value, start - job.enqueued, end - start, 1, end))
 
     def _drain_after_failure(self) -> None:
         while True:
