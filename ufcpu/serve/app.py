@@ -71,7 +71,6 @@ class State:
         self.settings = settings
         self.metrics = Metrics()
         self.worker = Worker(load, settings.max_batch_tokens, self.metrics, settings.max_wait_ms / 1000)
-        self.worker.in_flight = lambda: self.in_flight
         self.in_flight = 0
         self.stopping = False
         self.exit_code = 0
@@ -142,11 +141,16 @@ class Gate:
         else:
             st.in_flight += 1
             st.metrics.set("ufcpu_requests_in_flight", st.in_flight)
+            note["arriving"] = route in MODEL_ROUTES   # the model thread may wait for its job (batcher.py)
+            if note["arriving"]:
+                st.worker.arriving(+1)
             try:
                 await self.app(scope, receive, send_status)
             finally:
                 st.in_flight -= 1
                 st.metrics.set("ufcpu_requests_in_flight", st.in_flight)
+                if note["arriving"]:   # it left without queueing a job
+                    st.worker.arriving(-1)
         total = time.perf_counter() - t0
         st.metrics.inc("ufcpu_requests_total", route=route, status=status[0])
         st.metrics.observe("ufcpu_request_duration_seconds", total, route=route)
@@ -204,6 +208,13 @@ async def read_json(request: Request, state: State) -> dict:
             raise ApiError(413, "Validation", f"the body is more than {limit} bytes")
         chunks.append(chunk)
     return schema.parse_json(b"".join(chunks))
+
+
+def arrived(request: Request) -> bool:
+    """Whether the request still counts as arriving; its job, queued now, settles that."""
+    note = request.scope["ufcpu"]
+    was, note["arriving"] = note.get("arriving", False), False
+    return was
 
 
 def mark(request: Request, phase: str) -> None:
@@ -274,11 +285,11 @@ async def _embed(request: Request, st: State, pooling: str) -> tuple[Any, dict]:
         if pooling == "none":
             raise invalid("`chunk_tokens` applies to /embed, not to per-token /embed_all")
         done = await st.worker.call(lambda m: m.encode(req.texts, pooling, chunk_tokens=req.chunk_tokens,
-                                                       stride=req.stride))
+                                                       stride=req.stride), arrived(request))
         return finish(done.value, req.dimensions, req.normalize), timed(request, done, len(req.texts), 0)
     ids = await off_loop(sum(map(len, req.texts)), token_ids, model, req.texts, req.truncate, req.left)
     mark(request, "tokenize")
-    done = await st.worker.embed(ids, pooling)
+    done = await st.worker.embed(ids, pooling, arrived(request))
     headers = timed(request, done, len(ids), sum(len(x) for x in ids))
     if pooling == "none":
         return [finish(v, req.dimensions, req.normalize) for v in done.value], headers
@@ -301,7 +312,7 @@ async def openai_embeddings(request: Request, st: State) -> Response:
     ids = ([np.asarray(s, np.int64) for s in req.ids] if req.ids is not None else
            await off_loop(sum(map(len, req.texts)), token_ids, model, req.texts, st.settings.auto_truncate, False))
     mark(request, "tokenize")
-    done = await st.worker.embed(ids, st.settings.pooling)
+    done = await st.worker.embed(ids, st.settings.pooling, arrived(request))
     vecs = finish(np.stack(done.value), req.dimensions, True)
     tokens = sum(len(x) for x in ids)
     headers = timed(request, done, len(ids), tokens)
@@ -329,7 +340,7 @@ async def predict(request: Request, st: State) -> Response:
     model, body = st.model, await read_json(request, st)
     _need(model, "classification", "/predict")
     items, single, raw = schema.predict(body, st.limits)
-    done = await st.worker.call(lambda m: m.classify(items))
+    done = await st.worker.call(lambda m: m.classify(items), arrived(request))
     logits = np.atleast_2d(done.value)                                  # [n, C]
     scores = logits if raw else heads.probabilities(logits)
     names = model.config.id2label or tuple(f"LABEL_{i}" for i in range(logits.shape[1]))
@@ -342,7 +353,7 @@ async def fill_mask(request: Request, st: State) -> Response:
     model, body = st.model, await read_json(request, st)
     _need(model, "mlm", "/fill-mask")
     text, top_k = schema.fill_mask(body, st.limits)
-    done = await st.worker.call(lambda m: m.fill_mask(text, top_k=top_k))
+    done = await st.worker.call(lambda m: m.fill_mask(text, top_k=top_k), arrived(request))
     return reply(request, done.value, timed(request, done, 1, 0))
 
 
