@@ -13,6 +13,7 @@ import dataclasses
 import json
 import logging
 import signal
+import sys
 import threading
 import time
 from typing import Any, Awaitable, Callable
@@ -40,6 +41,9 @@ UNGATED = ("/health", "/metrics")
 # Longer than clients' pools keep idle connections: a server closing one as a client reuses it
 # fails that request (uvicorn's default is 5 s).
 KEEP_ALIVE_S = 75      # probes and scrapes are never refused for load
+# The model thread takes the GIL back between kernels; with Python's 5 ms a busy event loop can
+# hold it that long each time while the cores idle (bench/README.md, "Serving").
+SWITCH_INTERVAL_S = 0.0005
 
 
 @dataclasses.dataclass
@@ -470,6 +474,7 @@ class Server(uvicorn.Server):
 def run(settings: Settings) -> int:
     """Serve until SIGTERM/SIGINT -> exit code (2 when the model cannot be loaded)."""
     app, state = build_app(settings)
+    sys.setswitchinterval(SWITCH_INTERVAL_S)   # this process is the server's own
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
                             lifespan="on", timeout_graceful_shutdown=None,
                             timeout_keep_alive=KEEP_ALIVE_S)
