@@ -327,8 +327,8 @@ def openai_body(vecs: np.ndarray, req: schema.OpenAIEmbed, tokens: int, model_id
     """OpenAI's embeddings answer as JSON text; base64 is the little-endian float32 bytes of each
     vector."""
     as_b64 = lambda v: json.dumps(base64.b64encode(v.astype("<f4").tobytes()).decode("ascii"))  # noqa: E731
-    data = ",".join(f'{{"object":"embedding","index":{i},"embedding":{as_b64(v) if req.base64 else jsonfloat.vector(v)}}}'
-                    for i, v in enumerate(vecs))
+    vec = as_b64 if req.base64 else jsonfloat.vector
+    data = ",".join(f'{{"object":"embedding","index":{i},"embedding":{vec(v)}}}' for i, v in enumerate(vecs))
     tail = json.dumps({"model": req.model or model_id, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}},
                       ensure_ascii=False, separators=(",", ":"))
     return f'{{"object":"list","data":[{data}],{tail[1:]}'
