@@ -2,17 +2,24 @@
 each sending single sentences or batches of 32 to /embed, next to offline `Model.encode` of the
 same texts in one process.
 
-    python bench/serve.py [--model PATH] [--threads 2] [--clients 1,4,16,64] [--out DIR] [--smoke]
+    python bench/serve.py [--model PATH] [--threads 2] [--clients 1,4,16,64] [--modes single,batch32]
+                          [--requests 256] [--server-env KEY=VALUE ...] [--out DIR] [--smoke]
 
-The server runs as its own process (`ufcpu serve`, loopback); the clients are coroutines of one
-asyncio process (httpx), each sending its next request when the last one is answered. On a small
-machine the clients share the cores with the server: the numbers include that cost. Default
-model: the project's random full-size checkpoint (written once into the ufcpu cache).
+The server runs as its own process (`ufcpu serve`, loopback); the clients are coroutines of this
+process, each on its own kept-alive connection (raw asyncio streams: a few tens of microseconds
+of CPU per request, where an HTTP client library costs a millisecond), each sending its next
+request when the last one is answered. On a small machine the clients share the cores with the
+server: the numbers include that cost. Per point it also reports the median of each phase of the
+server's Server-Timing header (where a request's time goes inside the server; the client's
+latency minus the server's total is HTTP, the kernel's loopback and the client) and the batch
+sizes the server formed (its /metrics histogram). Default model: the project's random full-size
+checkpoint (written once into the ufcpu cache).
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -49,54 +56,132 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: Path, threads: int, port: int, log_path: Path) -> subprocess.Popen:
+def start_server(model: Path, threads: int, port: int, log_path: Path, env: dict) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "ufcpu", "serve", "--model", str(model), "--port", str(port), "--threads",
          str(threads), "--max-concurrent-requests", "4096", "--max-client-batch-size", "64"],
-        stdout=subprocess.DEVNULL, stderr=open(log_path, "w"))
+        stdout=subprocess.DEVNULL, stderr=open(log_path, "w"), env={**os.environ, **env})
 
 
-def wait_ready(httpx, url: str, proc: subprocess.Popen, log_path: Path, timeout_s: float = 300) -> None:
+def wait_ready(port: int, proc: subprocess.Popen, log_path: Path, timeout_s: float = 300) -> None:
+    async def healthy() -> bool:
+        conn = Connection(port)
+        try:
+            return (await asyncio.wait_for(conn.request("GET", "/health"), 5))[0] == 200
+        except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError):
+            return False
+        finally:
+            conn.close()
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"the server exited: {log_path.read_text()[-2000:]}")
-        try:
-            if httpx.get(url + "/health", timeout=5).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
+        if asyncio.run(healthy()):
+            return
         time.sleep(0.2)
     raise RuntimeError(f"the server was not ready after {timeout_s} s")
 
 
-async def load(httpx, url: str, clients: int, per_client: int, texts: list[str], size: int) -> dict:
-    """clients coroutines, each sending per_client requests of `size` texts one after another."""
-    latencies: list[float] = []
-    errors = 0
+class Connection:
+    """One kept-alive HTTP/1.1 connection on raw asyncio streams: the cheapest client there is, so
+    that the clients take as little as possible of the cores they share with the server."""
 
-    async def client(c: int, http) -> None:
+    def __init__(self, port: int):
+        self.port = port
+        self.reader = self.writer = None
+
+    async def request(self, method: str, path: str, body: bytes = b"") -> tuple[int, dict, bytes]:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
+        self.writer.write(f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                          f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        head = (await self.reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+        headers = dict(line.lower().split(": ", 1) for line in head[1:] if line)
+        return int(head[0].split()[1]), headers, await self.reader.readexactly(int(headers["content-length"]))
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def phases(header: str) -> dict:
+    """'read;dur=0.2, compute;dur=21.3' -> {"read": 0.2, "compute": 21.3} (ms)"""
+    return {name: float(dur) for name, dur in (p.split(";dur=") for p in header.split(", ") if ";dur=" in p)}
+
+
+def batch_sizes(metrics_text: str) -> dict:
+    """The server's /metrics -> {"count", "sum", "le": {bucket: cumulative count}} of inputs per batch."""
+    out = {"count": 0.0, "sum": 0.0, "le": {}}
+    for line in metrics_text.splitlines():
+        name, _, value = line.rpartition(" ")
+        if name.startswith("ufcpu_batch_inputs_bucket{le=\""):
+            out["le"][name.split('"')[1]] = float(value)
+        elif name in ("ufcpu_batch_inputs_count", "ufcpu_batch_inputs_sum"):
+            out[name.rsplit("_", 1)[1]] = float(value)
+    return out
+
+
+def batch_histogram(before: dict, after: dict) -> dict:
+    """The batches formed between two scrapes: how many, mean inputs, and count per size bucket."""
+    n = after["count"] - before["count"]
+    cum = {b: after["le"][b] - before["le"].get(b, 0.0) for b in after["le"]}
+    per, prev = {}, 0.0
+    for b, c in cum.items():
+        if c - prev:
+            per[b] = int(c - prev)
+        prev = c
+    return {"batches": int(n), "mean_inputs": (after["sum"] - before["sum"]) / n if n else 0.0, "inputs_le": per}
+
+
+async def scrape(port: int) -> dict:
+    conn = Connection(port)
+    try:
+        return batch_sizes((await conn.request("GET", "/metrics"))[2].decode())
+    finally:
+        conn.close()
+
+
+async def load(port: int, clients: int, per_client: int, texts: list[str], size: int) -> dict:
+    """clients coroutines, each on its own connection sending per_client requests of `size` texts
+    one after another."""
+    latencies: list[float] = []
+    server: list[dict] = []
+    errors = 0
+    bodies = [json.dumps({"inputs": (texts + texts)[k:k + size]}).encode() for k in range(0, len(texts), size)]
+
+    async def client(c: int, conn: Connection) -> None:
         nonlocal errors
         for r in range(per_client):
-            k = ((c * per_client + r) * size) % len(texts)
-            body = {"inputs": (texts + texts)[k:k + size]}
+            body = bodies[(c * per_client + r) % len(bodies)]
             t = time.perf_counter()
-            resp = await http.post(url + "/embed", json=body)
+            status, headers, _ = await conn.request("POST", "/embed", body)
             latencies.append(time.perf_counter() - t)
-            errors += resp.status_code != 200
+            server.append(phases(headers.get("server-timing", "")))
+            errors += status != 200
 
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(timeout=600, limits=limits) as http:
-        await asyncio.gather(*(client(c, http) for c in range(min(clients, 2))))   # warm connections, kernels
+    conns = [Connection(port) for _ in range(clients)]
+    try:
+        await asyncio.gather(*(client(c, conns[c]) for c in range(min(clients, 2))))   # warm connections, kernels
+        await asyncio.gather(*(conn.request("GET", "/health") for conn in conns))      # open every connection
         latencies.clear()
+        server.clear()
+        before = await scrape(port)
         t = time.perf_counter()
-        await asyncio.gather(*(client(c, http) for c in range(clients)))
+        await asyncio.gather(*(client(c, conns[c]) for c in range(clients)))
         wall = time.perf_counter() - t
+        after = await scrape(port)
+    finally:
+        for conn in conns:
+            conn.close()
     lat = np.array(latencies) * 1000
     n = clients * per_client
+    names = [k for k in server[0] if all(k in p for p in server)] if server else []
+    med = {k: float(np.median([p[k] for p in server])) for k in names}
+    if "total" in names:   # per request: the client's latency minus the server's own time
+        med["outside_server"] = float(np.median(lat - np.array([p["total"] for p in server])))
     return {"clients": clients, "requests": n, "texts": n * size, "wall_s": wall, "errors": errors,
             "texts_per_s": n * size / wall, "p50_ms": float(np.percentile(lat, 50)),
-            "p99_ms": float(np.percentile(lat, 99))}
+            "p99_ms": float(np.percentile(lat, 99)), "phases_p50_ms": med, **batch_histogram(before, after)}
 
 
 def offline(model_dir: Path, threads: int, texts: list[str], repeats: int) -> dict:
@@ -107,19 +192,32 @@ def offline(model_dir: Path, threads: int, texts: list[str], repeats: int) -> di
     return {"texts": len(texts), "texts_per_s": len(texts) / s["median_s"], **s}
 
 
+PHASES = ("read", "tokenize", "queue", "compute", "wake", "encode", "total", "outside_server")
+
+
 def markdown(points: list[dict], off: dict, meta: dict) -> str:
-    rows = []
+    rows, split = [], []
     for p in points:
-        one = next(q for q in points if q["mode"] == p["mode"] and q["clients"] == 1)
+        one = next((q for q in points if q["mode"] == p["mode"] and q["clients"] == 1), None)
         rows.append([p["mode"], p["clients"], p["requests"], fmt(p["texts_per_s"]), fmt(p["p50_ms"]),
                      fmt(p["p99_ms"]), f"{p['texts_per_s'] / off['texts_per_s']:.2f}",
-                     f"{p['texts_per_s'] / one['texts_per_s']:.2f}", p["errors"]])
+                     f"{p['texts_per_s'] / one['texts_per_s']:.2f}" if one else "", fmt(p["mean_inputs"]),
+                     p["errors"]])
+        split.append([p["mode"], p["clients"], *(fmt(p["phases_p50_ms"].get(k)) for k in PHASES)])
+    hist = "\n".join(f"- {p['mode']} x {p['clients']}: {p['batches']} batches, "
+                     + ", ".join(f"{n} of <= {b}" for b, n in p["inputs_le"].items()) for p in points)
     return (f"# ufcpu serve under load\n\n{meta['model']}; server and offline at {meta['threads']} thread(s); "
-            f"{meta['cores']} cores shared by server and clients; loadavg at start {meta['loadavg']}.\n\n"
+            f"{meta['cores']} cores shared by the server and the clients (one asyncio process, raw "
+            f"kept-alive connections); loadavg at start {meta['loadavg']}, at end {meta['loadavg_end']}.\n\n"
             + common.md_table(["mode", "clients", "requests", "texts/s", "p50 ms", "p99 ms", "x offline",
-                               "x 1 client", "errors"], rows)
+                               "x 1 client", "inputs/batch", "errors"], rows)
             + f"\n\nOffline `Model.encode(texts, batch_size=32)` of {off['texts']} of the same texts in one "
-              f"process: {fmt(off['texts_per_s'])} texts/s (median of {off['repeats']}).\n")
+              f"process: {fmt(off['texts_per_s'])} texts/s (median of {off['repeats']}).\n\n"
+            + "Where a request's time goes (medians, ms; the server's Server-Timing phases: read = body "
+              "and JSON parse, wake = batch end until the handler runs again, encode = the JSON answer; "
+              "outside_server = the client's latency minus the server's total: HTTP, loopback, client):\n\n"
+            + common.md_table(["mode", "clients", *PHASES], split)
+            + f"\n\nBatches the server formed (inputs per batch, from /metrics):\n\n{hist}\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,12 +226,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="server and offline threads (default: all cores)")
     ap.add_argument("--clients", default=None, help="concurrent client counts (default 1,4,16,64; --smoke: 1,4)")
     ap.add_argument("--out", type=Path, default=common.RESULTS, help="results folder (default bench/results)")
+    ap.add_argument("--modes", default=",".join(MODES), help=f"request kinds (default {','.join(MODES)})")
+    ap.add_argument("--requests", type=int, default=256, help="texts sent per point (default 256; --smoke: 8)")
+    ap.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE",
+                    help="environment of the server process only, for A/B runs (repeatable)")
     ap.add_argument("--smoke", action="store_true", help="tiny random model, a few requests per point")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    httpx = common.optional("httpx")
-    if httpx is None or common.optional("uvicorn") is None:
-        raise SystemExit("serve.py needs httpx and the server extra: pip install -e \".[test,server]\"")
+    if common.optional("uvicorn") is None or common.optional("starlette") is None:
+        raise SystemExit("serve.py needs the server extra: pip install -e \".[server]\"")
+    modes = {m: MODES[m] for m in args.modes.split(",")}
+    server_env = dict(kv.split("=", 1) for kv in args.server_env)
     started = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.smoke:   # keep everything the smoke run writes inside --out
@@ -151,32 +254,33 @@ def main(argv: list[str] | None = None) -> int:
     off = offline(model_dir, threads, texts, 1 if args.smoke else 3)
     log(f"offline encode: {off['texts_per_s']:.0f} texts/s")
     port = free_port()
-    url = f"http://127.0.0.1:{port}"
     log_path = Path(tempfile.mkdtemp(prefix="ufcpu-bench-serve-")) / "server.log"   # shown if the server fails
-    proc = start_server(model_dir, threads, port, log_path)
+    proc = start_server(model_dir, threads, port, log_path, server_env)
     points = []
     try:
-        wait_ready(httpx, url, proc, log_path)
-        for mode, size in MODES.items():
+        wait_ready(port, proc, log_path)
+        for mode, size in modes.items():
             for c in clients:
-                total = (8 if args.smoke else 256) // size or (1 if args.smoke else 4)
+                total = (8 if args.smoke else args.requests) // size or (1 if args.smoke else 4)
                 per_client = max(1 if args.smoke or size > 1 else 2, total // c)
-                p = asyncio.run(load(httpx, url, c, per_client, texts, size))
+                p = asyncio.run(load(port, c, per_client, texts, size))
                 p["mode"] = mode
                 points.append(p)
-                log(f"{mode} x {c} clients: {p['texts_per_s']:.0f} texts/s, p50 {p['p50_ms']:.1f} ms, "
-                    f"p99 {p['p99_ms']:.1f} ms, {p['errors']} errors")
+                log(f"{mode} x {c} clients: {p['texts_per_s']:.1f} texts/s, p50 {p['p50_ms']:.1f} ms, "
+                    f"p99 {p['p99_ms']:.1f} ms, {p['mean_inputs']:.1f} inputs/batch, {p['errors']} errors; "
+                    + " ".join(f"{k} {v:.2f}" for k, v in p["phases_p50_ms"].items()))
     finally:
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(timeout=120)
     meta = {"model": (f"{source}" if args.model else "the project's random checkpoint in the exact Hub layout"
                       + (" (smoke dimensions)" if args.smoke else " (full size)")),
-            "threads": threads, "cores": os.cpu_count(), "loadavg": info["loadavg_at_start"]}
+            "threads": threads, "cores": os.cpu_count(), "loadavg": info["loadavg_at_start"],
+            "loadavg_end": common.loadavg()}
     md = markdown(points, off, meta)
-    info["loadavg_at_end"] = common.loadavg()
+    info["loadavg_at_end"] = meta["loadavg_end"]
     common.write_json(args.out / "serve.json", {
         "benchmark": "serve", "smoke": args.smoke, "machine": info, "model": meta["model"],
-        "threads": threads, "server_exit_code": code, "offline": off, "points": points,
+        "threads": threads, "server_env": server_env, "server_exit_code": code, "offline": off, "points": points,
         "wall_s": time.perf_counter() - started})
     common.write_text(args.out / "serve.md", md)
     print(md)

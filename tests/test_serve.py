@@ -131,6 +131,10 @@ def test_embed_equals_encode(mlm):
     np.testing.assert_allclose(np.array(one), model().encode(TEXTS[:1]), atol=1e-5)
     for h in ("x-compute-time", "x-queue-time", "x-inference-time"):
         assert float(r.headers[h]) >= 0
+    phases = dict(p.split(";dur=") for p in r.headers["server-timing"].split(", "))
+    assert list(phases) == ["read", "tokenize", "queue", "compute", "wake", "encode", "total"]
+    assert all(float(v) >= 0 for v in phases.values())
+    assert float(phases["total"]) >= float(phases["compute"]) == pytest.approx(float(r.headers["x-inference-time"]))
 
 
 def test_int8_server_embeds_as_the_int8_model(tmp_path_factory):

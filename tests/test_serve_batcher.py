@@ -24,7 +24,7 @@ def run_queued(worker: Worker, jobs: list) -> list:
         tasks = [asyncio.ensure_future(job(worker)) for job in jobs]
         await asyncio.sleep(0)                    # each task has put its job on the queue
         worker.start()
-        return await asyncio.gather(*tasks, return_exceptions=True)
+        return await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 120)   # a hang fails
     try:
         return asyncio.run(main())
     finally:
@@ -74,3 +74,77 @@ def test_a_model_that_cannot_load_fails_every_job():
     done = run_queued(w, [lambda w: w.embed([np.array([4])], "mean")])
     assert failures == ["cannot read /nowhere"] and isinstance(done[0], RuntimeError)
     assert not w.ready.is_set()
+
+
+class CountingModel:
+    """A stand-in model that records the texts of each forward and returns each token's id as its
+    vector: enough to see which jobs the worker batched together, with no kernels."""
+    class tokenizer:
+        pad_id = 0
+
+    def __init__(self):
+        self.batches: list[int] = []
+
+    def encode(self, texts):      # the worker's warm-up
+        return None
+
+    def hidden_states(self, ids, mask):   # [B, S] -> [B, S, 1]
+        self.batches.append(len(ids))
+        return ids[..., None].astype(np.float32)
+
+
+def ids_of(length: int, value: int) -> np.ndarray:
+    return np.full(length, value, np.int64)
+
+
+def test_a_batch_takes_every_queued_job_up_to_the_token_budget():
+    m = CountingModel()
+    jobs = [lambda w, i=i: w.embed([ids_of(4, i + 1)], "mean") for i in range(10)]   # 4 tokens each
+    done = run_queued(Worker(lambda: m, 4 * 7, Metrics(), max_wait_s=3600.0), jobs)
+    assert m.batches == [7, 3] and [d.batch_inputs for d in done] == [7] * 7 + [3] * 3
+    assert [float(d.value[0][0]) for d in done] == [i + 1 for i in range(10)]   # each job got its own row
+
+
+def test_a_lone_request_never_waits_for_others():
+    """Nothing is arriving, so the batch starts at once: with an hour of max_wait, a wait would hang."""
+    m = CountingModel()
+    done = run_queued(Worker(lambda: m, 4096, Metrics(), max_wait_s=3600.0), [lambda w: w.embed([ids_of(3, 1)], "mean")])
+    assert done[0].batch_inputs == 1 and m.batches == [1]
+
+
+def run_with_arrivals(steps) -> tuple[list, CountingModel]:
+    """Start a worker (max_wait of an hour, so only the arriving count can end its wait), then run
+    `steps(worker)` on the event loop."""
+    m = CountingModel()
+    w = Worker(lambda: m, 4096, Metrics(), max_wait_s=3600.0)
+
+    async def main():
+        w.start()
+        await asyncio.get_running_loop().run_in_executor(None, w.ready.wait)
+        return await steps(w)
+    try:
+        return asyncio.run(asyncio.wait_for(main(), 120)), m
+    finally:
+        w.stop()
+
+
+def test_the_batch_waits_for_a_request_being_read_and_takes_it():
+    async def steps(w):
+        w.arriving(+1)                                       # b is being read
+        a = asyncio.ensure_future(w.embed([ids_of(3, 1)], "mean"))
+        await asyncio.sleep(0)                               # a is queued; the model thread waits for b
+        b = asyncio.ensure_future(w.embed([ids_of(5, 2)], "mean", arrived=True))
+        return await asyncio.gather(a, b)
+    done, m = run_with_arrivals(steps)
+    assert m.batches == [2] and [d.batch_inputs for d in done] == [2, 2]
+
+
+def test_a_request_that_leaves_without_a_job_ends_the_wait():
+    async def steps(w):
+        w.arriving(+1)                                       # b is being read ...
+        a = asyncio.ensure_future(w.embed([ids_of(3, 1)], "mean"))
+        await asyncio.sleep(0)
+        w.arriving(-1)                                       # ... and turns out invalid (a 422)
+        return [await a]
+    done, m = run_with_arrivals(steps)
+    assert m.batches == [1] and done[0].batch_inputs == 1

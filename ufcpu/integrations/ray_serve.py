@@ -16,12 +16,12 @@ import asyncio
 import numpy as np
 from ray import serve
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
 from .. import heads
 from ..tokenizer import token_budget_batches
 from ..errors import UfcpuError
-from ..serve import schema
+from ..serve import jsonfloat, schema
 from ..serve.app import DEFAULT_MODEL, error_response, finish, openai_body, token_ids
 from ..tokenizer import pad
 
@@ -60,7 +60,8 @@ class UfcpuEmbeddings:
         if route is None or request.method != "POST":
             return error_response(path, 404, "Validation", f"no route POST {path} (routes: {', '.join(self.routes)})")
         try:
-            return JSONResponse(await route(schema.parse_json(await request.body())))
+            text = await route(schema.parse_json(await request.body()))
+            return Response(text.encode(), media_type="application/json")
         except schema.ApiError as e:
             return error_response(path, e.status, e.kind, e.message)
         except UfcpuError as e:
@@ -69,16 +70,16 @@ class UfcpuEmbeddings:
     async def _vectors(self, ids: list[np.ndarray]) -> np.ndarray:  # -> [n, H]
         return np.stack(await asyncio.gather(*(self._embed_one(x) for x in ids)))
 
-    async def _embed(self, body: dict) -> list:
+    async def _embed(self, body: dict) -> str:   # JSON text
         req = schema.embed(body, self.limits)
         if req.chunk_tokens is not None:
             vecs = await asyncio.to_thread(self.model.encode, req.texts, self.pooling, chunk_tokens=req.chunk_tokens,
                                            stride=req.stride)
         else:
             vecs = await self._vectors(token_ids(self.model, req.texts, req.truncate, req.left))
-        return finish(vecs, req.dimensions, req.normalize).tolist()
+        return jsonfloat.matrix(finish(vecs, req.dimensions, req.normalize))
 
-    async def _openai(self, body: dict) -> dict:
+    async def _openai(self, body: dict) -> str:   # JSON text
         req = schema.openai_embed(body, self.limits)
         ids = ([np.asarray(s, np.int64) for s in req.ids] if req.ids is not None
                else token_ids(self.model, req.texts, self.limits.auto_truncate, False))

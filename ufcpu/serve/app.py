@@ -10,8 +10,10 @@ from __future__ import annotations
 import base64
 import contextlib
 import dataclasses
+import json
 import logging
 import signal
+import sys
 import threading
 import time
 from typing import Any, Awaitable, Callable
@@ -28,7 +30,7 @@ from starlette.routing import Route
 from .. import heads
 from ..chunking import piece_tokenizer
 from ..errors import UfcpuError
-from . import schema
+from . import jsonfloat, schema
 from .batcher import Done, Worker
 from .metrics import Metrics
 from .schema import ApiError, invalid
@@ -39,6 +41,9 @@ UNGATED = ("/health", "/metrics")
 # Longer than clients' pools keep idle connections: a server closing one as a client reuses it
 # fails that request (uvicorn's default is 5 s).
 KEEP_ALIVE_S = 75      # probes and scrapes are never refused for load
+# The model thread takes the GIL back between kernels; with Python's 5 ms a busy event loop can
+# hold it that long each time while the cores idle (bench/README.md, "Serving").
+SWITCH_INTERVAL_S = 0.0005
 
 
 @dataclasses.dataclass
@@ -70,7 +75,6 @@ class State:
         self.settings = settings
         self.metrics = Metrics()
         self.worker = Worker(load, settings.max_batch_tokens, self.metrics, settings.max_wait_ms / 1000)
-        self.worker.in_flight = lambda: self.in_flight
         self.in_flight = 0
         self.stopping = False
         self.exit_code = 0
@@ -123,7 +127,8 @@ class Gate:
             return await self.app(scope, receive, send)
         st, path = self.state, scope["path"]
         t0 = time.perf_counter()
-        note = scope["ufcpu"] = {"inputs": 0, "tokens": 0, "queue_s": 0.0, "compute_s": 0.0}
+        note = scope["ufcpu"] = {"inputs": 0, "tokens": 0, "queue_s": 0.0, "compute_s": 0.0,
+                                 "t0": t0, "last": t0, "phases": []}
         status = [499]   # what is logged when the client went away before any answer
 
         async def send_status(message):
@@ -140,11 +145,16 @@ class Gate:
         else:
             st.in_flight += 1
             st.metrics.set("ufcpu_requests_in_flight", st.in_flight)
+            note["arriving"] = route in MODEL_ROUTES   # the model thread may wait for its job (batcher.py)
+            if note["arriving"]:
+                st.worker.arriving(+1)
             try:
                 await self.app(scope, receive, send_status)
             finally:
                 st.in_flight -= 1
                 st.metrics.set("ufcpu_requests_in_flight", st.in_flight)
+                if note["arriving"]:   # it left without queueing a job
+                    st.worker.arriving(-1)
         total = time.perf_counter() - t0
         st.metrics.inc("ufcpu_requests_total", route=route, status=status[0])
         st.metrics.observe("ufcpu_request_duration_seconds", total, route=route)
@@ -204,11 +214,41 @@ async def read_json(request: Request, state: State) -> dict:
     return schema.parse_json(b"".join(chunks))
 
 
-def timed(request: Request, done: Done, inputs: int, tokens: int) -> dict:
+def arrived(request: Request) -> bool:
+    """Whether the request still counts as arriving; its job, queued now, settles that."""
     note = request.scope["ufcpu"]
+    was, note["arriving"] = note.get("arriving", False), False
+    return was
+
+
+def mark(request: Request, phase: str) -> None:
+    """End one phase of the request's Server-Timing: the time since the previous mark."""
+    note, now = request.scope["ufcpu"], time.perf_counter()
+    note["phases"].append((phase, now - note["last"]))
+    note["last"] = now
+
+
+def timed(request: Request, done: Done, inputs: int, tokens: int) -> dict:
+    """TEI's timing headers; the model thread's phases (queue, compute, and wake: from the batch's
+    end until this handler ran again) go into Server-Timing."""
+    note, now = request.scope["ufcpu"], time.perf_counter()
     note.update(inputs=inputs, tokens=tokens, queue_s=done.queue_s, compute_s=done.compute_s)
+    note["phases"] += [("queue", done.queue_s), ("compute", done.compute_s), ("wake", now - done.end)]
+    note["last"] = now
     return {"x-queue-time": _ms(done.queue_s), "x-inference-time": _ms(done.compute_s),
             "x-compute-time": _ms(done.queue_s + done.compute_s)}
+
+
+def reply(request: Request, body: Any, headers: dict) -> Response:
+    """A JSON answer (a str is JSON text already) with the request's phases as a Server-Timing
+    header (W3C; ms): read, tokenize, queue, compute, wake, encode, and total since arrival."""
+    text = body if isinstance(body, str) else json.dumps(body, ensure_ascii=False, allow_nan=False,
+                                                         separators=(",", ":"))
+    mark(request, "encode")
+    note = request.scope["ufcpu"]
+    phases = note["phases"] + [("total", note["last"] - note["t0"])]
+    headers["server-timing"] = ", ".join(f"{name};dur={_ms(s)}" for name, s in phases)
+    return Response(text.encode("utf-8"), headers=headers, media_type="application/json")
 
 
 def token_ids(model, texts: list[str], truncate: bool, left: bool) -> list[np.ndarray]:
@@ -244,14 +284,16 @@ def finish(vecs: np.ndarray, dimensions: int | None, normalize: bool) -> np.ndar
 
 async def _embed(request: Request, st: State, pooling: str) -> tuple[Any, dict]:
     model, req = st.model, schema.embed(await read_json(request, st), st.limits, normalize=pooling != "none")
+    mark(request, "read")
     if req.chunk_tokens is not None:
         if pooling == "none":
             raise invalid("`chunk_tokens` applies to /embed, not to per-token /embed_all")
         done = await st.worker.call(lambda m: m.encode(req.texts, pooling, chunk_tokens=req.chunk_tokens,
-                                                       stride=req.stride))
+                                                       stride=req.stride), arrived(request))
         return finish(done.value, req.dimensions, req.normalize), timed(request, done, len(req.texts), 0)
     ids = await off_loop(sum(map(len, req.texts)), token_ids, model, req.texts, req.truncate, req.left)
-    done = await st.worker.embed(ids, pooling)
+    mark(request, "tokenize")
+    done = await st.worker.embed(ids, pooling, arrived(request))
     headers = timed(request, done, len(ids), sum(len(x) for x in ids))
     if pooling == "none":
         return [finish(v, req.dimensions, req.normalize) for v in done.value], headers
@@ -260,32 +302,37 @@ async def _embed(request: Request, st: State, pooling: str) -> tuple[Any, dict]:
 
 async def embed(request: Request, st: State) -> Response:
     vecs, headers = await _embed(request, st, st.settings.pooling)
-    return JSONResponse(vecs.tolist(), headers=headers)
+    return reply(request, jsonfloat.matrix(vecs), headers)
 
 
 async def embed_all(request: Request, st: State) -> Response:
     vecs, headers = await _embed(request, st, "none")
-    return JSONResponse([v.tolist() for v in vecs], headers=headers)
+    return reply(request, jsonfloat.matrices(vecs), headers)
 
 
 async def openai_embeddings(request: Request, st: State) -> Response:
     model, req = st.model, schema.openai_embed(await read_json(request, st), st.limits)
+    mark(request, "read")
     ids = ([np.asarray(s, np.int64) for s in req.ids] if req.ids is not None else
            await off_loop(sum(map(len, req.texts)), token_ids, model, req.texts, st.settings.auto_truncate, False))
-    done = await st.worker.embed(ids, st.settings.pooling)
+    mark(request, "tokenize")
+    done = await st.worker.embed(ids, st.settings.pooling, arrived(request))
     vecs = finish(np.stack(done.value), req.dimensions, True)
     tokens = sum(len(x) for x in ids)
-    return JSONResponse(openai_body(vecs, req, tokens, st.settings.model_id),
-                        headers=timed(request, done, len(ids), tokens))
+    headers = timed(request, done, len(ids), tokens)
+    return reply(request, openai_body(vecs, req, tokens, st.settings.model_id), headers)
 
 
-def openai_body(vecs: np.ndarray, req: schema.OpenAIEmbed, tokens: int, model_id: str) -> dict:
-    """OpenAI's embeddings answer; base64 is the little-endian float32 bytes of each vector."""
-    as_b64 = lambda v: base64.b64encode(v.astype("<f4").tobytes()).decode("ascii")   # noqa: E731
-    data = [{"object": "embedding", "index": i, "embedding": as_b64(v) if req.base64 else v.tolist()}
-            for i, v in enumerate(vecs)]
-    return {"object": "list", "data": data, "model": req.model or model_id,
-            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+def openai_body(vecs: np.ndarray, req: schema.OpenAIEmbed, tokens: int, model_id: str) -> str:
+    """OpenAI's embeddings answer as JSON text; base64 is the little-endian float32 bytes of each
+    vector."""
+    as_b64 = lambda v: json.dumps(base64.b64encode(v.astype("<f4").tobytes()).decode("ascii"))  # noqa: E731
+    vec = as_b64 if req.base64 else jsonfloat.vector
+    data = ",".join(f'{{"object":"embedding","index":{i},"embedding":{vec(v)}}}' for i, v in enumerate(vecs))
+    tail = json.dumps({"model": req.model or model_id, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}},
+                      ensure_ascii=False, separators=(",", ":"))
+    return f'{{"object":"list","data":[{data}],{tail[1:]}'
+
 
 
 def _need(model, task: str, route: str) -> None:
@@ -297,21 +344,21 @@ async def predict(request: Request, st: State) -> Response:
     model, body = st.model, await read_json(request, st)
     _need(model, "classification", "/predict")
     items, single, raw = schema.predict(body, st.limits)
-    done = await st.worker.call(lambda m: m.classify(items))
+    done = await st.worker.call(lambda m: m.classify(items), arrived(request))
     logits = np.atleast_2d(done.value)                                  # [n, C]
     scores = logits if raw else heads.probabilities(logits)
     names = model.config.id2label or tuple(f"LABEL_{i}" for i in range(logits.shape[1]))
     out = [sorted(({"score": float(s), "label": names[c]} for c, s in enumerate(row)),
                   key=lambda d: -d["score"]) for row in scores]
-    return JSONResponse(out[0] if single else out, headers=timed(request, done, len(items), 0))
+    return reply(request, out[0] if single else out, timed(request, done, len(items), 0))
 
 
 async def fill_mask(request: Request, st: State) -> Response:
     model, body = st.model, await read_json(request, st)
     _need(model, "mlm", "/fill-mask")
     text, top_k = schema.fill_mask(body, st.limits)
-    done = await st.worker.call(lambda m: m.fill_mask(text, top_k=top_k))
-    return JSONResponse(done.value, headers=timed(request, done, 1, 0))
+    done = await st.worker.call(lambda m: m.fill_mask(text, top_k=top_k), arrived(request))
+    return reply(request, done.value, timed(request, done, 1, 0))
 
 
 async def tokenize(request: Request, st: State) -> Response:
@@ -427,6 +474,7 @@ class Server(uvicorn.Server):
 def run(settings: Settings) -> int:
     """Serve until SIGTERM/SIGINT -> exit code (2 when the model cannot be loaded)."""
     app, state = build_app(settings)
+    sys.setswitchinterval(SWITCH_INTERVAL_S)   # this process is the server's own
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
                             lifespan="on", timeout_graceful_shutdown=None,
                             timeout_keep_alive=KEEP_ALIVE_S)

@@ -1,19 +1,22 @@
 """The model thread and its one queue.
 
 The event loop never runs model code: requests put jobs on a queue and await a future; one
-thread loads the model, warms it up, and then takes jobs. Embedding jobs that arrive together
-(or within `max_wait_s` of the first, when the queue was empty) form one batch of at most
-`max_batch_tokens` real tokens; the batch is sorted by length and run in token-budget slices, so
+thread loads the model, warms it up, and then takes jobs. Continuous batching: while a batch
+runs, jobs pile up in the queue, and the next batch takes every one of them that fits
+`max_batch_tokens` real tokens. The only wait is for requests already read and not yet queued
+(the event loop is parsing them), and never past `max_wait_s` after the first job was queued:
+a lone request starts at once. The batch is sorted by length and run in token-budget slices, so
 many concurrent one-sentence requests run as one forward pass. A text's vector does not depend
 on what else is in its batch (the engine runs each batch packed and per length group).
 Other work (predict, fill-mask, long documents) runs on the same thread, one job at a time.
+The model thread sleeps on one condition, woken by each job and by each request that leaves
+without one; nothing polls.
 """
 from __future__ import annotations
 
 import asyncio
 import dataclasses
 import logging
-import queue
 import threading
 import time
 from collections import deque
@@ -49,6 +52,7 @@ class Done:
     queue_s: float
     compute_s: float
     batch_inputs: int
+    end: float = 0.0    # perf_counter() when the model thread finished the job's batch
 
 
 class Worker:
@@ -61,9 +65,9 @@ class Worker:
         self.ready = threading.Event()
         self.failed: str | None = None              # why the model could not be loaded
         self.on_failure: Callable[[str], None] = lambda msg: None
-        self.in_flight: Callable[[], int] = lambda: 1 << 30   # requests that may still submit work
-        self._q: queue.Queue = queue.Queue()
-        self._carry: deque = deque()                # jobs taken from the queue but left for the next batch
+        self._q: deque = deque()                    # jobs, oldest first; _STOP last
+        self._arriving = 0                          # requests read by the event loop, their job not queued yet
+        self._cv = threading.Condition(threading.Lock())   # guards both; the model thread sleeps on it
         self._thread = threading.Thread(target=self._run, name="ufcpu-model", daemon=True)
 
     # --- event-loop side ---------------------------------------------------------------------------
@@ -72,24 +76,37 @@ class Worker:
 
     def stop(self) -> None:
         """Finish every queued job, then end the thread."""
-        self._q.put(_STOP)
+        self._put(_STOP)
         self._thread.join()
 
     def depth(self) -> int:
-        return self._q.qsize() + len(self._carry)
+        return len(self._q)
 
-    async def embed(self, ids: list[np.ndarray], pooling: str) -> Done:
-        return await self._submit(ids=ids, pooling=pooling)
+    def arriving(self, delta: int) -> None:
+        """+1: a request that may queue a job is being read; -1: it left without queueing one."""
+        with self._cv:
+            self._arriving += delta
+            self._cv.notify()
 
-    async def call(self, fn: Callable[[Any], Any]) -> Done:
-        return await self._submit(call=fn)
+    async def embed(self, ids: list[np.ndarray], pooling: str, arrived: bool = False) -> Done:
+        """arrived: this request was counted by `arriving(+1)`, and its job settles that."""
+        return await self._submit(arrived, ids=ids, pooling=pooling)
 
-    async def _submit(self, **kw) -> Done:
+    async def call(self, fn: Callable[[Any], Any], arrived: bool = False) -> Done:
+        return await self._submit(arrived, call=fn)
+
+    async def _submit(self, arrived: bool, **kw) -> Done:
         loop = asyncio.get_running_loop()
         job = Job(loop, loop.create_future(), **kw)
-        self._q.put(job)
+        self._put(job, -1 if arrived else 0)
         self.metrics.set("ufcpu_queue_depth", self.depth())
         return await job.future
+
+    def _put(self, job, arriving: int = 0) -> None:
+        with self._cv:
+            self._q.append(job)
+            self._arriving += arriving
+            self._cv.notify()
 
     # --- model thread ------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -105,7 +122,7 @@ class Worker:
         log.info("model ready in %.1f s", time.perf_counter() - t0)
         self.ready.set()
         while True:
-            first = self._carry.popleft() if self._carry else self._q.get()
+            first = self._take()
             if first is _STOP:
                 return
             if first.call is not None:
@@ -113,28 +130,32 @@ class Worker:
             else:
                 self._run_batch(self._gather(first))
 
+    def _take(self):
+        """The oldest job (or _STOP), once there is one."""
+        with self._cv:
+            while not self._q:
+                self._cv.wait()
+            return self._q.popleft()
+
     def _gather(self, first: Job) -> list[Job]:
-        """first, then whatever fits the token budget: what is queued now, and for up to max_wait_s
-        more what arrives, if the queue was empty and other requests are in flight. Other kinds of
-        job wait for the next turn."""
+        """first, then every queued embedding job that fits the token budget, in queue order; while
+        the queue is empty and requests are arriving, their jobs too, until max_wait_s after first
+        was queued. A job that does not fit, or of another kind, heads the next turn."""
         jobs, tokens = [first], first.tokens
-        deadline = time.perf_counter() + self.max_wait_s
-        while tokens < self.max_batch_tokens:
-            try:
-                nxt = self._q.get_nowait()
-            except queue.Empty:
-                remaining = deadline - time.perf_counter()
-                if remaining <= 0 or self.in_flight() <= len(jobs):   # nobody else is coming
+        deadline = first.enqueued + self.max_wait_s
+        with self._cv:
+            while tokens < self.max_batch_tokens:
+                if not self._q:
+                    remaining = deadline - time.perf_counter()
+                    if self._arriving <= 0 or remaining <= 0:   # nobody else is coming in time
+                        break
+                    self._cv.wait(remaining)
+                    continue
+                nxt = self._q[0]
+                if nxt is _STOP or nxt.call is not None or tokens + nxt.tokens > self.max_batch_tokens:
                     break
-                try:
-                    nxt = self._q.get(timeout=remaining)
-                except queue.Empty:
-                    break
-            if nxt is _STOP or nxt.call is not None or tokens + nxt.tokens > self.max_batch_tokens:
-                self._carry.append(nxt)
-                break
-            jobs.append(nxt)
-            tokens += nxt.tokens
+                jobs.append(self._q.popleft())
+                tokens += nxt.tokens
         return jobs
 
     def _run_batch(self, jobs: list[Job]) -> None:
@@ -164,7 +185,7 @@ class Worker:
         self.metrics.inc("ufcpu_tokens_total", int(lengths.sum()))
         end = time.perf_counter()
         for job, r in zip(jobs, rows):
-            _resolve(job, Done(r, start - job.enqueued, end - start, len(items)))
+            _resolve(job, Done(r, start - job.enqueued, end - start, len(items), end))
 
     def _run_call(self, job: Job) -> None:
         start = time.perf_counter()
@@ -173,11 +194,12 @@ class Worker:
         except Exception as e:
             _resolve(job, e)
             return
-        _resolve(job, Done(value, start - job.enqueued, time.perf_counter() - start, 1))
+        end = time.perf_counter()
+        _resolve(job, Done(value, start - job.enqueued, end - start, 1, end))
 
     def _drain_after_failure(self) -> None:
         while True:
-            job = self._q.get()
+            job = self._take()
             if job is _STOP:
                 return
             _resolve(job, RuntimeError(self.failed))
