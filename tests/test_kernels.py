@@ -496,3 +496,98 @@ def test_vnni_product_is_never_offered_without_the_feature(monkeypatch):
     assert kernels.matmul_s8_vnni not in kernels._example_calls()
     assert quant.available() == ["portable"]
     assert quant.quantize(np.ones((4, 8), f32)).product == "portable"
+
+
+# --- attention: scores, softmax and context, fused -------------------------------------------------
+
+def attention_ref(qkv, bias, scale, heads):
+    """[n*S, 3H] Q | K | V, [n, S] additive bias -> [n*S, H]: each (sequence, head) in float64, as
+    MODEL.md writes it (scores scaled, bias added, softmax over keys, times V; feature = head*d + i)."""
+    n, s = bias.shape
+    hid = qkv.shape[1] // 3
+    d = hid // heads
+    x = qkv.astype(np.float64).reshape(n, s, 3, heads, d)
+    out = np.zeros((n, s, heads, d))
+    for b in range(n):
+        for a in range(heads):
+            q, k, v = x[b, :, 0, a], x[b, :, 1, a], x[b, :, 2, a]         # [S, d] each
+            scores = q @ k.T * scale + bias[b][None, :].astype(np.float64)  # [S, S]
+            p = np.exp(scores - scores.max(axis=1, keepdims=True))
+            out[b, :, a] = (p / p.sum(axis=1, keepdims=True)) @ v
+    return out.reshape(n * s, hid)
+
+
+def attention_case(rng, n, s, heads, d, padded):
+    qkv = rng.standard_normal((n * s, 3 * heads * d), dtype=f32)
+    mask = np.ones((n, s), np.int64)
+    if padded:
+        mask = (rng.random((n, s)) > 0.4).astype(np.int64)
+        mask[:, 0] = 1
+    return qkv, fwd.key_bias(mask), mask
+
+
+def run_attention(qkv, bias, heads, scale=f32(0.125)):
+    out = np.full((qkv.shape[0], qkv.shape[1] // 3), np.nan, f32)
+    threads.run(kernels.attention_heads, qkv, bias, scale, heads, out)
+    return out
+
+
+# S around the key rows (8) and the query tile (32), heads 1 and 12, d = 64 (the full model's, four
+# whole vectors), 20 (not a multiple of 8: V padded) and 72 (past one 64-feature context tile).
+@pytest.mark.parametrize("s", [1, 2, 3, 17, 128, 129])
+@pytest.mark.parametrize("heads,d", [(1, 64), (12, 64), (1, 20), (3, 72)])
+@pytest.mark.parametrize("padded", [False, True])
+def test_attention_heads_matches_naive(s, heads, d, padded):
+    rng = np.random.default_rng(s * 100 + heads * 7 + d + padded)
+    n = 1 if s > 100 and heads == 12 else 3
+    qkv, bias, _ = attention_case(rng, n, s, heads, d, padded)
+    got = run_attention(qkv, bias, heads)
+    assert got.dtype == np.float32 and not np.isnan(got).any()
+    np.testing.assert_allclose(got, attention_ref(qkv, bias, 0.125, heads), rtol=0, atol=2e-6)
+
+
+def test_attention_heads_gives_padded_keys_no_weight():
+    """A padded key's bias (-10000) gives it exactly no weight: its V, however large, changes
+    nothing, and the real keys' context is that of the sequence without it."""
+    rng = np.random.default_rng(5)
+    qkv, bias, mask = attention_case(rng, 2, 40, 12, 64, padded=True)
+    hid = 12 * 64
+    loud = qkv.copy()
+    loud[np.flatnonzero(mask.ravel() == 0), 2 * hid:] = 1e6          # V of every padded key
+    np.testing.assert_array_equal(run_attention(loud, bias, 12), run_attention(qkv, bias, 12))
+    keep = np.flatnonzero(mask[1])                                    # sequence 1, real keys only
+    alone = qkv[40 + keep]
+    np.testing.assert_allclose(run_attention(alone, np.zeros((1, len(keep)), f32), 12),
+                               run_attention(qkv, bias, 12)[40 + keep], rtol=0, atol=1e-6)
+
+
+def test_attention_heads_uses_the_scale():
+    rng = np.random.default_rng(9)
+    qkv, bias, _ = attention_case(rng, 1, 33, 2, 64, padded=False)
+    for scale in (0.0625, 0.125, 0.3):
+        np.testing.assert_allclose(run_attention(qkv, bias, 2, f32(scale)), attention_ref(qkv, bias, scale, 2),
+                                   rtol=0, atol=2e-6)
+    assert np.abs(run_attention(qkv, bias, 2, f32(0.3)) - run_attention(qkv, bias, 2, f32(0.125))).max() > 0.01
+
+
+def test_attention_heads_with_helpers_equals_itself_alone(monkeypatch):
+    """Every (sequence, head, query tile) block is the same code whichever thread claims it."""
+    rng = np.random.default_rng(3)
+    qkv, bias, _ = attention_case(rng, 3, 70, 12, 64, padded=True)
+    alone = np.full((qkv.shape[0], 768), np.nan, f32)
+    kernels.attention_heads(qkv, bias, f32(0.125), 12, alone, np.zeros(kernels.SHARED_SLOTS, np.int64))
+    monkeypatch.setitem(kernels._SHARED, kernels.attention_heads, 1)
+    with threads.calls(3):
+        for _ in range(10):
+            np.testing.assert_array_equal(run_attention(qkv, bias, 12), alone)
+
+
+def test_self_attention_runs_every_sequence_of_a_group():
+    """model.self_attention: [n, S, 3H] of n sequences -> their context rows in order."""
+    from ufcpu.config import Config
+    rng = np.random.default_rng(4)
+    qkv, bias, _ = attention_case(rng, 4, 9, 12, 64, padded=True)
+    layer = type("L", (), {"norm_factor": f32(0.125)})()
+    cfg = Config(layers=1, hidden=768, heads=12, vocab=10, depth=1)
+    got = fwd.self_attention(qkv.reshape(4, 9, -1), bias, layer, cfg)
+    np.testing.assert_allclose(got, attention_ref(qkv, bias, 0.125, 12), rtol=0, atol=2e-6)
