@@ -195,23 +195,6 @@ def test_layer_norm_matches_naive(t, h):
     np.testing.assert_allclose(got, ref, atol=2e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("b,a,s", [(1, 1, 1), (2, 3, 5), (3, 12, 128)])
-def test_masked_softmax_matches_naive(b, a, s):
-    rng = np.random.default_rng(s)
-    scores = rng.standard_normal((b, a, s, s)).astype(f32) * 4
-    mask = (rng.random((b, s)) > 0.3).astype(np.int64)
-    mask[:, 0] = 1
-    bias = fwd.key_bias(mask)
-    ref = scores.astype(np.float64) * 0.125 + bias[:, None, None, :]
-    ref = np.exp(ref - ref.max(-1, keepdims=True))
-    ref /= ref.sum(-1, keepdims=True)
-    got = scores.copy()
-    threads.run(kernels.masked_softmax_, got, bias, f32(0.125))
-    np.testing.assert_allclose(got, ref, atol=1e-6)
-    # padded keys get exactly no weight, as exp(-10000) gives the reference
-    assert got[np.broadcast_to(mask[:, None, None, :] == 0, got.shape)].max(initial=0.0) == 0.0
-
-
 def test_gelu_matches_erf():
     z = np.linspace(-8, 8, 1001, dtype=f32)[None].copy()
     ref = gelu_ref(z)
@@ -300,8 +283,8 @@ def shared_cases(rng):
         kernels.gelu_: (rng.standard_normal((50, 300), dtype=f32),),
         kernels.layer_norm: (x, rng.standard_normal(64, dtype=f32), rng.standard_normal(64, dtype=f32), f32(1e-12),
                              np.full_like(x, np.nan)),
-        kernels.masked_softmax_: (rng.standard_normal((3, 4, 9, 9), dtype=f32), fwd.key_bias(rng.integers(0, 2, (3, 9))),
-                                  f32(0.125)),
+        kernels.attention_heads: (rng.standard_normal((3 * 70, 3 * 768), dtype=f32), fwd.key_bias(rng.random((3, 70)) > 0.3),
+                                  f32(0.125), 12, np.full((3 * 70, 768), np.nan, f32)),
         kernels.matmul_nt: (x[:11], rng.standard_normal((2304, 64), dtype=f32), np.full((11, 2304), np.nan, f32)),
         kernels.fff_walk: (x, w_in, b_in, w_out, 7, np.full_like(x, np.nan), np.full((600, 8), -1, np.int32),
                            np.full((600, 8), np.nan, f32)),
@@ -312,7 +295,7 @@ def _copies(args):
     return [a.copy() if isinstance(a, np.ndarray) else a for a in args]
 
 
-@pytest.mark.parametrize("name", ["gelu_", "layer_norm", "masked_softmax_", "matmul_nt", "fff_walk"])
+@pytest.mark.parametrize("name", ["gelu_", "layer_norm", "attention_heads", "matmul_nt", "fff_walk"])
 def test_shared_kernel_with_helpers_equals_itself_alone(name, monkeypatch):
     """Helpers claim blocks computed by the same code: the same bits as the kernel alone on one
     thread, whichever thread did which block (repeated, so that the split differs)."""
@@ -568,18 +551,6 @@ def test_attention_heads_uses_the_scale():
         np.testing.assert_allclose(run_attention(qkv, bias, 2, f32(scale)), attention_ref(qkv, bias, scale, 2),
                                    rtol=0, atol=2e-6)
     assert np.abs(run_attention(qkv, bias, 2, f32(0.3)) - run_attention(qkv, bias, 2, f32(0.125))).max() > 0.01
-
-
-def test_attention_heads_with_helpers_equals_itself_alone(monkeypatch):
-    """Every (sequence, head, query tile) block is the same code whichever thread claims it."""
-    rng = np.random.default_rng(3)
-    qkv, bias, _ = attention_case(rng, 3, 70, 12, 64, padded=True)
-    alone = np.full((qkv.shape[0], 768), np.nan, f32)
-    kernels.attention_heads(qkv, bias, f32(0.125), 12, alone, np.zeros(kernels.SHARED_SLOTS, np.int64))
-    monkeypatch.setitem(kernels._SHARED, kernels.attention_heads, 1)
-    with threads.calls(3):
-        for _ in range(10):
-            np.testing.assert_array_equal(run_attention(qkv, bias, 12), alone)
 
 
 def test_self_attention_runs_every_sequence_of_a_group():

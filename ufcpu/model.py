@@ -1,8 +1,8 @@
 """The UltraFastBERT forward pass, as small pure functions (see MODEL.md, "Forward pass").
 
 Notation: B sequences, S tokens, H width, A heads of size d = H / A, N = 2^(D+1)-1 tree nodes.
-Dense products go through NumPy (BLAS); the tree walk, LayerNorm and the masked softmax are
-Numba kernels (ufcpu/kernels.py). Everything is float32.
+Dense products go through NumPy (BLAS); the tree walk, LayerNorm and attention's scores, softmax
+and context are Numba kernels (ufcpu/kernels.py). Everything is float32.
 """
 from __future__ import annotations
 
