@@ -293,7 +293,7 @@ def latency(fn, sizes: Sizes) -> dict:
 # touching the code.
 TIMED_FUNCTIONS = {"attention": "attention", "attention_packed": "attention", "linear": "projections",
                    "layer_norm": "layer_norm"}
-TIMED_KERNELS = {"masked_softmax_": "softmax", "fff_walk": "fff_walk"}
+TIMED_KERNELS = {"attention_heads": "attention_heads", "fff_walk": "fff_walk"}
 
 
 def _timer(fn, label_of, acc):
@@ -327,9 +327,8 @@ def timed_blocks():
 
 def breakdown(run, cases: dict) -> dict:
     """Where the product's time goes (one warm, instrumented run per case): the attention
-    projections (QKV and output), the rest of attention (score and context products, reshapes),
-    the softmax kernel, LayerNorms, the FFF walk, and the rest (embedding, residual adds, mask,
-    Python). Shares of the wall-clock total; the timers add a few microseconds per call."""
+    projections (QKV and output), the attention kernel (scores, softmax, context), the rest of
+    attention, LayerNorms, the FFF walk, and the rest (embedding, residual adds, mask, Python). Shares of the wall-clock total; the timers add a few microseconds per call."""
     out = {}
     for name, batches in cases.items():
         with timed_blocks() as acc:
@@ -338,8 +337,8 @@ def breakdown(run, cases: dict) -> dict:
                 run(ids, mask)
             total = time.perf_counter() - t
         parts = {"projections": acc["projections"],
-                 "attention_other": acc["attention"] - acc["projections"] - acc["softmax"],
-                 "softmax": acc["softmax"], "layer_norm": acc["layer_norm"], "fff_walk": acc["fff_walk"]}
+                 "attention_other": acc["attention"] - acc["projections"] - acc["attention_heads"],
+                 "attention_heads": acc["attention_heads"], "layer_norm": acc["layer_norm"], "fff_walk": acc["fff_walk"]}
         parts["other"] = total - sum(parts.values())
         out[name] = {"total_ms": 1e3 * total, **{k: 1e3 * v for k, v in parts.items()}}
     return out
@@ -578,11 +577,11 @@ def markdown(results: list[dict], rows: list[Row], skipped: dict, cfg, workloads
         out.append("")
     prof = [r for r in results if "breakdown" in r]
     if prof:
-        parts = ("projections", "attention_other", "softmax", "layer_norm", "fff_walk", "other")
+        parts = ("projections", "attention_heads", "attention_other", "layer_norm", "fff_walk", "other")
         out += ["## Where ufcpu's FFF rows spend their time", "",
                 "One instrumented run per case; shares of wall-clock. projections = the QKV and output "
-                "products; attention_other = the score and context products and reshapes (and the "
-                "softmax, when the heads are shared between threads: from 65536 scores); other = "
+                "products; attention_heads = the kernel of the score and context products and the softmax; "
+                "attention_other = the rest of attention (allocations, calls); other = "
                 "embedding, residual adds, mask, Python.", ""]
         out.append(common.md_table(["row", "threads", "case", "total ms"] + list(parts),
                                    [[r["row"], r["threads"], case, fmt(b["total_ms"])]

@@ -61,14 +61,15 @@ def gemm_before(tokens: int, rng: np.random.Generator):
 
 def shared_cases(tokens: int, rng: np.random.Generator, tree) -> dict:
     """kernel name -> (kernel, arguments without the state) for `tokens` rows of width H, as the
-    forward pass calls them (the softmax: tokens // 128 sequences of 128, or one shorter)."""
+    forward pass calls them (attention: tokens // 128 sequences of 128, or one shorter)."""
     w_in, b_in, w_out = tree
     x = rng.standard_normal((tokens, H), dtype=f32)
     seqs, s = max(tokens // 128, 1), min(tokens, 128)
     return {
         "layer_norm": (kernels.layer_norm, (x, np.ones(H, f32), np.zeros(H, f32), f32(1e-12), np.empty_like(x))),
-        "masked_softmax_": (kernels.masked_softmax_, (rng.standard_normal((seqs, HEADS, s, s), dtype=f32),
-                                                      np.zeros((seqs, s), f32), f32(0.125))),
+        "attention_heads": (kernels.attention_heads, (rng.standard_normal((seqs * s, 3 * H), dtype=f32),
+                                                      np.zeros((seqs, s), f32), f32(0.125), HEADS,
+                                                      np.empty((seqs * s, H), f32))),
         "gelu_": (kernels.gelu_, (rng.standard_normal((tokens, 4 * H), dtype=f32),)),
         "fff_walk": (kernels.fff_walk, (x, w_in, b_in, w_out, DEPTH, np.empty_like(x),
                                         np.empty((tokens, DEPTH + 1), np.int32), np.empty((tokens, DEPTH + 1), f32))),

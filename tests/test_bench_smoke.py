@@ -111,7 +111,7 @@ def test_encoder_without_optional_extras(tmp_path):
 def test_kernels_smoke(tmp_path):
     res = _run("kernels", tmp_path)
     _machine_recorded(res)
-    assert {r["kernel"] for r in res["shared"]} == {"layer_norm", "masked_softmax_", "gelu_", "fff_walk", "matmul_nt"}
+    assert {r["kernel"] for r in res["shared"]} == {"layer_norm", "attention_heads", "gelu_", "fff_walk", "matmul_nt"}
     assert all(r["alone_us"] > 0 and r["shared_us"] > 0 for r in res["shared"])
     assert {r["linear_uses"] for r in res["products"]} == {"matmul_nt"}   # 2 and 11 tokens
 

@@ -35,20 +35,3 @@ def test_reported_when_numpy_came_first():
 @pytest.mark.parametrize("first", ["", "import numpy"])
 def test_the_users_value_is_kept(first):
     assert probe(first, OPENBLAS_THREAD_TIMEOUT="12") == {"timeout": "12", "sleep": True}
-
-
-def test_shared_heads_run_on_one_blas_thread_then_back_to_the_callers_count():
-    from ufcpu import threads
-    if threads.blas_threads() is None:
-        pytest.skip("OpenBLAS not found among the loaded libraries")
-    inside = []
-    with threads.calls(2):
-        assert threads.share_heads(lambda i: inside.append(threads.blas_threads()), 4, threads.SHARED_ATTENTION_SCORES)
-        assert inside == [1] * 4 and threads.blas_threads() == 2
-        with pytest.raises(RuntimeError):
-            threads.share_heads(lambda i: (_ for _ in ()).throw(RuntimeError("inside")), 4, 1 << 20)
-        assert threads.blas_threads() == 2
-        assert not threads.share_heads(inside.append, 4, threads.SHARED_ATTENTION_SCORES - 1)   # too small
-    with threads.calls(1):
-        assert not threads.share_heads(inside.append, 4, 1 << 20)                            # no helpers
-    assert len(inside) == 4

@@ -145,7 +145,6 @@ import json, threading, numpy as np, ufcpu
 from ufcpu import heads, kernels, threads
 from ufcpu import model as fwd
 kernels._SHARED.update((k, 1) for k in kernels._SHARED)      # helpers at every size
-threads.SHARED_ATTENTION_SCORES = 1                           # attention heads shared at every size
 models = {{1: ufcpu.load({model!r}, threads=1), 2: ufcpu.load({model!r}, threads=2)}}
 texts = [f"text {{i}} number " * (1 + i % 9) for i in range(24)]
 def call(n):
@@ -161,19 +160,9 @@ def spy(what, fn):
         seen.append((tag.n, what, threads.count(), threads.blas_threads()))
         return out
     return wrapped
-def spy_items(fn):
-    def wrapped(item, count, helpers):
-        caller = tag.n
-        def each(i):
-            seen.append((caller, "head", None, threads.blas_threads()))
-            item(i)
-        seen.append((caller, "share", threads.count(), threads.blas_threads()))
-        return fn(each, count, helpers)
-    return wrapped
 threads.run = spy("kernel", threads.run)
 fwd.linear = spy("linear", fwd.linear)
 heads.mlm_logits = spy("mlm_logits", heads.mlm_logits)
-threads.share_items = spy_items(threads.share_items)
 
 tag.n = None
 serial = {{}}
@@ -201,22 +190,19 @@ print(json.dumps({{"errors": errors, "same_serial": same_serial, "equal": equal,
 
 def test_two_models_keep_their_own_thread_counts():
     """Models of threads=1 and threads=2, called alternately from one Python thread and then
-    alternately and concurrently from two: every kernel launch uses its model's count, OpenBLAS
-    runs at its model's count around every projection, kernel and MLM head (OpenBLAS's own report,
-    before and after each), and at one thread inside every shared attention head; the results
-    equal the serial ones bit for bit."""
+    alternately and concurrently from two: every kernel launch (attention's included) uses its
+    model's count, and OpenBLAS runs at its model's count around every projection, kernel and MLM
+    head (OpenBLAS's own report, before and after each); the results equal the serial ones bit for bit."""
     res = last_json(python(TWO_MODELS_CODE.format(model=str(TINY))))
     assert res["errors"] == [] and res["same_serial"]
     assert res["equal"] and all(res["equal"]), res["equal"]
     seen = res["seen"]
     whats = {what for _, what, _, _ in seen}
-    assert {"kernel", "linear", "mlm_logits", "share", "head"} <= whats, whats
+    assert {"kernel", "linear", "mlm_logits"} <= whats, whats
     for n, what, kernel_count, blas in seen:
-        one_blas_thread = what in ("share", "head")             # the heads of one attention, shared
-        assert n == 2 or not one_blas_thread
-        assert kernel_count == n or what == "head", (n, what, kernel_count)
+        assert kernel_count == n, (n, what, kernel_count)
         if res["blas_found"]:
-            assert blas == (1 if one_blas_thread else n), (n, what, blas)
+            assert blas == n, (n, what, blas)
     assert len(seen) > 200
 
 

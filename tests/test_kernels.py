@@ -197,23 +197,6 @@ def test_layer_norm_matches_naive(t, h):
     np.testing.assert_allclose(got, ref, atol=2e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("b,a,s", [(1, 1, 1), (2, 3, 5), (3, 12, 128)])
-def test_masked_softmax_matches_naive(b, a, s):
-    rng = np.random.default_rng(s)
-    scores = rng.standard_normal((b, a, s, s)).astype(f32) * 4
-    mask = (rng.random((b, s)) > 0.3).astype(np.int64)
-    mask[:, 0] = 1
-    bias = fwd.key_bias(mask)
-    ref = scores.astype(np.float64) * 0.125 + bias[:, None, None, :]
-    ref = np.exp(ref - ref.max(-1, keepdims=True))
-    ref /= ref.sum(-1, keepdims=True)
-    got = scores.copy()
-    threads.run(kernels.masked_softmax_, got, bias, f32(0.125))
-    np.testing.assert_allclose(got, ref, atol=1e-6)
-    # padded keys get exactly no weight, as exp(-10000) gives the reference
-    assert got[np.broadcast_to(mask[:, None, None, :] == 0, got.shape)].max(initial=0.0) == 0.0
-
-
 def test_gelu_matches_erf():
     z = np.linspace(-8, 8, 1001, dtype=f32)[None].copy()
     ref = gelu_ref(z)
@@ -302,8 +285,8 @@ def shared_cases(rng):
         kernels.gelu_: (rng.standard_normal((50, 300), dtype=f32),),
         kernels.layer_norm: (x, rng.standard_normal(64, dtype=f32), rng.standard_normal(64, dtype=f32), f32(1e-12),
                              np.full_like(x, np.nan)),
-        kernels.masked_softmax_: (rng.standard_normal((3, 4, 9, 9), dtype=f32), fwd.key_bias(rng.integers(0, 2, (3, 9))),
-                                  f32(0.125)),
+        kernels.attention_heads: (rng.standard_normal((3 * 70, 3 * 768), dtype=f32), fwd.key_bias(rng.random((3, 70)) > 0.3),
+                                  f32(0.125), 12, np.full((3 * 70, 768), np.nan, f32)),
         kernels.matmul_nt: (x[:11], rng.standard_normal((2304, 64), dtype=f32), np.full((11, 2304), np.nan, f32)),
         kernels.fff_walk: (x, w_in, b_in, w_out, 7, np.full_like(x, np.nan), np.full((600, 8), -1, np.int32),
                            np.full((600, 8), np.nan, f32)),
@@ -314,7 +297,7 @@ def _copies(args):
     return [a.copy() if isinstance(a, np.ndarray) else a for a in args]
 
 
-@pytest.mark.parametrize("name", ["gelu_", "layer_norm", "masked_softmax_", "matmul_nt", "fff_walk"])
+@pytest.mark.parametrize("name", ["gelu_", "layer_norm", "attention_heads", "matmul_nt", "fff_walk"])
 def test_shared_kernel_with_helpers_equals_itself_alone(name, monkeypatch):
     """Helpers claim blocks computed by the same code: the same bits as the kernel alone on one
     thread, whichever thread did which block (repeated, so that the split differs)."""
@@ -706,3 +689,86 @@ def test_fff_probe_splits_spread_tokens_and_keeps_one_path_tiled():
     one_path = np.zeros_like(x), np.zeros_like(w_in), np.zeros_like(b_in)
     assert not kernels._worth_splitting(*one_path, 11, 8, 64)
     assert not kernels._worth_splitting(*one_path, 11, 2, 64)
+
+
+# --- attention: scores, softmax and context, fused -------------------------------------------------
+
+def attention_ref(qkv, bias, scale, heads):
+    """[n*S, 3H] Q | K | V, [n, S] additive bias -> [n*S, H]: each (sequence, head) in float64, as
+    MODEL.md writes it (scores scaled, bias added, softmax over keys, times V; feature = head*d + i)."""
+    n, s = bias.shape
+    hid = qkv.shape[1] // 3
+    d = hid // heads
+    x = qkv.astype(np.float64).reshape(n, s, 3, heads, d)
+    out = np.zeros((n, s, heads, d))
+    for b in range(n):
+        for a in range(heads):
+            q, k, v = x[b, :, 0, a], x[b, :, 1, a], x[b, :, 2, a]         # [S, d] each
+            scores = q @ k.T * scale + bias[b][None, :].astype(np.float64)  # [S, S]
+            p = np.exp(scores - scores.max(axis=1, keepdims=True))
+            out[b, :, a] = (p / p.sum(axis=1, keepdims=True)) @ v
+    return out.reshape(n * s, hid)
+
+
+def attention_case(rng, n, s, heads, d, padded):
+    qkv = rng.standard_normal((n * s, 3 * heads * d), dtype=f32)
+    mask = np.ones((n, s), np.int64)
+    if padded:
+        mask = (rng.random((n, s)) > 0.4).astype(np.int64)
+        mask[:, 0] = 1
+    return qkv, fwd.key_bias(mask), mask
+
+
+def run_attention(qkv, bias, heads, scale=f32(0.125)):
+    out = np.full((qkv.shape[0], qkv.shape[1] // 3), np.nan, f32)
+    threads.run(kernels.attention_heads, qkv, bias, scale, heads, out)
+    return out
+
+
+# S around the key rows (8) and the query tile (32), heads 1 and 12, d = 64 (the full model's, four
+# whole vectors), 20 (not a multiple of 8: V padded) and 72 (past one 64-feature context tile).
+@pytest.mark.parametrize("s", [1, 2, 3, 17, 128, 129])
+@pytest.mark.parametrize("heads,d", [(1, 64), (12, 64), (1, 20), (3, 72)])
+@pytest.mark.parametrize("padded", [False, True])
+def test_attention_heads_matches_naive(s, heads, d, padded):
+    rng = np.random.default_rng(s * 100 + heads * 7 + d + padded)
+    n = 1 if s > 100 and heads == 12 else 3
+    qkv, bias, _ = attention_case(rng, n, s, heads, d, padded)
+    got = run_attention(qkv, bias, heads)
+    assert got.dtype == np.float32 and not np.isnan(got).any()
+    np.testing.assert_allclose(got, attention_ref(qkv, bias, 0.125, heads), rtol=0, atol=2e-6)
+
+
+def test_attention_heads_gives_padded_keys_no_weight():
+    """A padded key's bias (-10000) gives it exactly no weight: its V, however large, changes
+    nothing, and the real keys' context is that of the sequence without it."""
+    rng = np.random.default_rng(5)
+    qkv, bias, mask = attention_case(rng, 2, 40, 12, 64, padded=True)
+    hid = 12 * 64
+    loud = qkv.copy()
+    loud[np.flatnonzero(mask.ravel() == 0), 2 * hid:] = 1e6          # V of every padded key
+    np.testing.assert_array_equal(run_attention(loud, bias, 12), run_attention(qkv, bias, 12))
+    keep = np.flatnonzero(mask[1])                                    # sequence 1, real keys only
+    alone = qkv[40 + keep]
+    np.testing.assert_allclose(run_attention(alone, np.zeros((1, len(keep)), f32), 12),
+                               run_attention(qkv, bias, 12)[40 + keep], rtol=0, atol=1e-6)
+
+
+def test_attention_heads_uses_the_scale():
+    rng = np.random.default_rng(9)
+    qkv, bias, _ = attention_case(rng, 1, 33, 2, 64, padded=False)
+    for scale in (0.0625, 0.125, 0.3):
+        np.testing.assert_allclose(run_attention(qkv, bias, 2, f32(scale)), attention_ref(qkv, bias, scale, 2),
+                                   rtol=0, atol=2e-6)
+    assert np.abs(run_attention(qkv, bias, 2, f32(0.3)) - run_attention(qkv, bias, 2, f32(0.125))).max() > 0.01
+
+
+def test_self_attention_runs_every_sequence_of_a_group():
+    """model.self_attention: [n, S, 3H] of n sequences -> their context rows in order."""
+    from ufcpu.config import Config
+    rng = np.random.default_rng(4)
+    qkv, bias, _ = attention_case(rng, 4, 9, 12, 64, padded=True)
+    layer = type("L", (), {"norm_factor": f32(0.125)})()
+    cfg = Config(layers=1, hidden=768, heads=12, vocab=10, depth=1)
+    got = fwd.self_attention(qkv.reshape(4, 9, -1), bias, layer, cfg)
+    np.testing.assert_allclose(got, attention_ref(qkv, bias, 0.125, 12), rtol=0, atol=2e-6)

@@ -137,10 +137,9 @@ def test_dense_masked_feedforward_matches_reference():
 
 @pytest.mark.parametrize("name", ALL_FIXTURES)
 def test_every_layer_matches_with_helpers_at_every_size(name, monkeypatch):
-    """The fixtures are far below the sizes from which kernels and attention heads are shared
-    with helper threads: force both, with two threads, and check parity again."""
+    """The fixtures are far below the sizes from which kernels (attention's included) are shared
+    with helper threads: force it, with two threads, and check parity again."""
     from ufcpu import kernels, threads
-    monkeypatch.setattr(threads, "SHARED_ATTENTION_SCORES", 1)
     for kernel in list(kernels._SHARED):
         monkeypatch.setitem(kernels._SHARED, kernel, 1)
     with threads.calls(2):

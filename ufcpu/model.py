@@ -1,8 +1,8 @@
 """The UltraFastBERT forward pass, as small pure functions (see MODEL.md, "Forward pass").
 
 Notation: B sequences, S tokens, H width, A heads of size d = H / A, N = 2^(D+1)-1 tree nodes.
-Dense products go through NumPy (BLAS); the tree walk, LayerNorm and the masked softmax are
-Numba kernels (ufcpu/kernels.py). Everything is float32.
+Dense products go through NumPy (BLAS); the tree walk, LayerNorm and attention's scores, softmax
+and context are Numba kernels (ufcpu/kernels.py). Everything is float32.
 """
 from __future__ import annotations
 
@@ -70,21 +70,14 @@ def linear(x: np.ndarray, w) -> np.ndarray:  # [M, K], [N, K] (as torch's Linear
 
 
 def self_attention(qkv: np.ndarray, bias: np.ndarray, layer: Layer, cfg: Config) -> np.ndarray:
-    """[n, S, 3H] Q | K | V of n sequences, [n, S] additive key bias -> context [n*S, H]."""
+    """[n, S, 3H] Q | K | V of n sequences, [n, S] additive key bias -> context [n*S, H]
+    (feature = head*d + i): scores, softmax and context in one kernel, per (sequence, head)."""
     n, s, _ = qkv.shape
-    a, d = cfg.heads, cfg.head_size
-    q, k, v = qkv.reshape(n, s, 3, a, d).transpose(2, 0, 3, 1, 4)  # 3 x [n, A, S, d]
-    ctx = np.empty((n, s, a, d), f32)
-
-    def head(i):  # head i of every sequence
-        scores = q[:, i] @ k[:, i].transpose(0, 2, 1)              # [n, S, S]
-        threads.run_here(kernels.masked_softmax_, scores[:, None], bias, layer.norm_factor)
-        ctx[:, :, i] = scores @ v[:, i]                             # [n, S, d]
-    if threads.share_heads(head, a, n * a * s * s):                # large enough, and helpers to share with
-        return ctx.reshape(n * s, a * d)
-    scores = q @ k.transpose(0, 1, 3, 2)                           # [n, A, S, S]
-    threads.run(kernels.masked_softmax_, scores, bias, layer.norm_factor)   # softmax over keys, in place
-    return (scores @ v).transpose(0, 2, 1, 3).reshape(n * s, a * d)  # feature = head*d + i
+    ctx = np.empty((n * s, cfg.hidden), f32)
+    if ctx.size:
+        threads.run(kernels.attention_heads, np.ascontiguousarray(qkv.reshape(n * s, -1)),
+                    np.ascontiguousarray(bias, f32), layer.norm_factor, cfg.heads, ctx)
+    return ctx
 
 
 def attention(h: np.ndarray, bias: np.ndarray, layer: Layer, cfg: Config) -> np.ndarray:  # [B, S, H] -> [B, S, H]

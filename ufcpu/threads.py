@@ -10,8 +10,6 @@ kernels"). A model's `threads` governs both, on every call of that model:
   same count run at once, and a waiting call is let in before newer calls of the count in force).
 - `run(kernel, *args)` launches a shared kernel: on the calling thread, with `count() - 1`
   helpers offered a share when the input is large enough (`kernels._SHARED`).
-- `share_heads` runs the heads of one attention on those threads, each head's products on one
-  OpenBLAS thread (OpenBLAS's own threads, woken for each small product, made it slower).
 - The helpers are plain daemon Python threads, started on first use, asleep on a queue when idle;
   each offer goes to the newest slots of a bounded board, so a stale offer never hides a new one.
   A helper that wakes late finds fewer blocks or none: nobody waits for a thread to wake up. After
@@ -328,23 +326,6 @@ def run(kernel, *args):
 def run_here(kernel, *args):
     """kernel(*args) on the calling thread alone (work already split among threads)."""
     return kernel(*args, np.zeros(kernels.SHARED_SLOTS, np.int64))
-
-
-# From this many scores (sequences x heads x S x S) sharing the heads pays; below, a dozen NumPy
-# calls per head cost more than they save (bench/README.md, "Threads").
-SHARED_ATTENTION_SCORES = 1 << 16
-
-
-def share_heads(head, heads: int, scores: int) -> bool:
-    """head(i) for i in range(heads) on this thread and count() - 1 helpers, OpenBLAS on one
-    thread meanwhile, when there are helpers and `scores` reaches SHARED_ATTENTION_SCORES.
-    -> False, having run nothing, otherwise (the caller runs the heads batched)."""
-    n = count()
-    if n == 1 or scores < SHARED_ATTENTION_SCORES:
-        return False
-    with _blas(n), _blas(1):       # the outer hold is a no-op inside a model call
-        share_items(head, heads, n - 1)
-    return True
 
 
 # --- fork ----------------------------------------------------------------------------------------
