@@ -87,29 +87,6 @@ def test_a_failing_task_does_not_end_its_helper():
     assert done.wait(WAIT), "the helper died with the failing task"
 
 
-def test_share_items_calls_each_item_once():
-    seen = []
-    lock = threading.Lock()
-
-    def item(i):
-        with lock:
-            seen.append(i)
-
-    for helpers in (0, 1, 3):
-        seen.clear()
-        threads.share_items(item, 50, helpers)
-        assert sorted(seen) == list(range(50))
-
-
-def test_share_items_raises_what_an_item_raised():
-    def item(i):
-        if i == 7:
-            raise ValueError("item 7")
-
-    with pytest.raises(ValueError, match="item 7"):
-        threads.share_items(item, 20, 1)
-
-
 # --- counts --------------------------------------------------------------------------------------
 
 def test_resolve_caps_at_the_cores_and_says_so_once(caplog):

@@ -533,7 +533,7 @@ WALK_VEC = 8      # floats per vector of the walk's own code (ymm: LLVM's choice
 
 
 def _vec_sum(builder, v):  # <8 x float> -> float: lanes halved in a fixed order, no reassociation
-    f32, i32 = ir.FloatType(), ir.IntType(32)
+    i32 = ir.IntType(32)
     for width in (4, 2, 1):
         lo = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(i32, width), list(range(width))))
         hi = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(i32, width), list(range(width, 2 * width))))
@@ -1206,7 +1206,7 @@ def matmul_s8_rows(xq, xs, wq, ws, out, state):  # xq [M, Kp] s8, xs [M], wq [N,
 def _vnni_rows(builder, dp, rows, xbase, xstride, wbase, wstride, count, cells):
     """IR of one register block of `rows` tokens: cells[r][g] += u8 x_r[4i..4i+3] . s8 w[g][i]
     over i < count; token r's bytes at xbase + r * xstride, group g's at wbase + g * wstride."""
-    i8, i32, i64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
+    i32, i64 = ir.IntType(32), ir.IntType(64)
     v16 = ir.VectorType(i32, VNNI_GROUP)
     zeros = ir.Constant(v16, None)
     xs = [builder.gep(xbase, [builder.mul(ir.Constant(i64, r), xstride)]) for r in range(rows)]

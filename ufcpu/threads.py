@@ -24,7 +24,6 @@ import collections
 import contextlib
 import ctypes
 import functools
-import itertools
 import logging
 import os
 import queue
@@ -260,48 +259,6 @@ def offer(kernel, args: tuple, n: int) -> None:
 
 def helper_count() -> int:
     return len(_helpers)
-
-
-class _Items:
-    """fn(0) .. fn(count - 1), each called once by whichever thread takes it next."""
-
-    def __init__(self, fn, count: int):
-        self.fn, self.count = fn, count
-        self.next = itertools.count()   # next() is atomic under the GIL
-        self.inside = 0
-        self.error: BaseException | None = None
-        self.idle = threading.Condition()
-
-    def work(self) -> None:
-        with self.idle:
-            self.inside += 1
-        try:
-            while self.error is None and (i := next(self.next)) < self.count:
-                self.fn(i)
-        except BaseException as e:       # re-raised on the calling thread by `wait`
-            self.error = self.error or e
-        finally:
-            with self.idle:
-                self.inside -= 1
-                self.idle.notify_all()
-
-    def wait(self) -> None:
-        """Until no thread is inside `work` (a helper entering later finds nothing left)."""
-        with self.idle:
-            while self.inside:
-                self.idle.wait()
-        if self.error is not None:
-            raise self.error
-
-
-def share_items(fn, n_items: int, helpers: int) -> None:
-    """fn(i) for i in range(n_items), on the calling thread and up to `helpers` helper threads
-    joining it, for Python work that releases the GIL most of the time (NumPy products, Numba
-    kernels). Returns when every call has returned; an exception in any call is raised here."""
-    items = _Items(fn, n_items)
-    offer(items.work, (), helpers)
-    items.work()
-    items.wait()
 
 
 # --- launching -----------------------------------------------------------------------------------
