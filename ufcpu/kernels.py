@@ -1407,7 +1407,7 @@ _SHARED = {  # kernel -> first-argument size from which helpers are offered a sh
     quantize_rows: 256 * 768,       # as LayerNorm: one pass over each row
     matmul_s8_rows: 2 * 768,        # as matmul_nt
     matmul_s8_vnni: 2 * 768,
-    linear_s8_vnni: 2 * 768,
+    linear_s8_vnni: 48 * 768,       # below, a helper's wake-up and the second pass cost more than they save
 }
 
 
