@@ -13,33 +13,22 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import subprocess
-import sys
-import tarfile
-import tempfile
 import time
-from io import BytesIO
-from pathlib import Path
 
 import ufcpu  # noqa: F401  (before NumPy, as for any user)
 import numpy as np
 
 from ufcpu import model as this_model, threads as this_threads
 from ufcpu.config import Config
+from kernels_ab import other_kernels   # unpacks another revision's ufcpu/ as ufcpu_ab
 
-ROOT = Path(__file__).resolve().parent.parent
 f32 = np.float32
 H, HEADS = 768, 12
 
 
 def other_package(revision: str):
     """ufcpu/ of `revision`, unpacked as the package `ufcpu_ab` -> (its model, its threads)."""
-    blob = subprocess.run(["git", "-C", str(ROOT), "archive", revision, "ufcpu"], capture_output=True, check=True).stdout
-    folder = Path(tempfile.mkdtemp(prefix="ufcpu-ab-"))
-    with tarfile.open(fileobj=BytesIO(blob)) as tar:
-        tar.extractall(folder, filter="data")
-    (folder / "ufcpu").rename(folder / "ufcpu_ab")
-    sys.path.insert(0, str(folder))
+    other_kernels(revision)
     return importlib.import_module("ufcpu_ab.model"), importlib.import_module("ufcpu_ab.threads")
 
 
