@@ -28,6 +28,15 @@ def test_offered_work_runs_on_helper_threads():
     assert threading.current_thread().name not in {name for _, name in seen}
 
 
+def _until_waiting(gate, n: int) -> None:
+    """Until a caller needing n threads waits at the gate (at most WAIT seconds: else it fails)."""
+    for _ in range(WAIT * 1000):
+        if gate.waiting[n]:
+            return
+        threading.Event().wait(0.001)
+    pytest.fail(f"no caller of count {n} came to wait at the gate")
+
+
 def _block_every_helper():
     """-> an Event that releases them, once every helper is inside a blocking task."""
     gate = threading.Event()
@@ -134,8 +143,7 @@ def test_gate_same_count_shares_other_count_waits(monkeypatch):
 
     t = threading.Thread(target=other)
     t.start()
-    while not gate.waiting[1]:                         # it is waiting, not racing
-        threading.Event().wait(0.001)
+    _until_waiting(gate, 1)                             # it is waiting, not racing
     assert not entered.is_set() and gate.users == 2
     gate.release()
     assert not entered.is_set() and gate.users == 1
@@ -158,8 +166,7 @@ def test_gate_lets_a_waiter_in_before_newer_calls_of_the_count_in_force(monkeypa
 
     t = threading.Thread(target=waiter)
     t.start()
-    while not gate.waiting[1]:
-        threading.Event().wait(0.001)
+    _until_waiting(gate, 1)
 
     def newcomer():
         gate.acquire(2)                                 # count 2 is in force, but 1 waits first
@@ -168,8 +175,7 @@ def test_gate_lets_a_waiter_in_before_newer_calls_of_the_count_in_force(monkeypa
 
     u = threading.Thread(target=newcomer)
     u.start()
-    while not gate.waiting[2]:
-        threading.Event().wait(0.001)
+    _until_waiting(gate, 2)
     gate.release()
     t.join(WAIT)
     u.join(WAIT)
