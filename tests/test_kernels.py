@@ -329,16 +329,43 @@ def test_a_used_state_has_nothing_left_to_claim():
     assert not out.any() and state[kernels.SHARED_INSIDE] == 0
 
 
+# --- what helpers wait on (single-threaded here: every outcome is decided before the call) --------
+
+def test_wait_offer_returns_when_an_offer_is_posted_and_its_caller_is_inside():
+    posted, ahead, awake = np.array([5], np.int64), np.zeros(kernels.SHARED_SLOTS, np.int64), np.array([3], np.int64)
+    assert kernels.wait_offer(posted, 5, ahead, 100, awake) is False        # nothing posted
+    posted[0] = 6
+    assert kernels.wait_offer(posted, 5, ahead, 100, awake) is True         # posted; caller not in (yet)
+    ahead[kernels.SHARED_INSIDE] = 1
+    assert kernels.wait_offer(posted, 5, ahead, 1 << 40, awake) is True     # returns at once: a check cannot hang
+    ahead[kernels.SHARED_INSIDE], ahead[kernels.SHARED_NEXT] = 0, 4          # caller in and out again
+    assert kernels.wait_offer(posted, 5, ahead, 1 << 40, awake) is True
+    assert awake[0] == 3                                                    # one less only while inside
+
+
+def test_wait_zero_and_count_add():
+    c = np.array([2], np.int64)
+    assert kernels.wait_zero(c, 50) is False
+    kernels.count_add(c, -2)
+    assert kernels.wait_zero(c, 1 << 40) is True and c[0] == 0
+    kernels.count_add(c, 7)
+    assert c[0] == 7
+
+
 def test_run_offers_helpers_by_size_and_threads(monkeypatch):
     offered = []
-    monkeypatch.setattr(threads, "offer", lambda kernel, args, count: offered.append((args[0].size, count)))
+
+    def post(kernel, args, count, shared):
+        offered.append((args[0].size, count, shared))
+        return np.zeros(kernels.SHARED_SLOTS, np.int64)
+    monkeypatch.setattr(threads, "_post", post)
     monkeypatch.setitem(kernels._SHARED, kernels.gelu_, 100)
     with threads.calls(2):
         threads.run(kernels.gelu_, np.zeros((1, 99), f32))
         threads.run(kernels.gelu_, np.zeros((1, 100), f32))
     with threads.calls(1):
         threads.run(kernels.gelu_, np.zeros((1, 1000), f32))
-    assert offered == [(100, 1)]
+    assert offered == [(100, 1, True)]
 
 
 def test_thread_setting_is_per_python_thread():
@@ -407,7 +434,8 @@ def test_quantize_rows_zero_and_bad_tokens(zero):
 
 
 INT8_SHAPES = [(m, k, n) for m in (1, 2, 3, 5, 17, 128) for k, n in ((768, 100), (200, 2304 if m < 17 else 77))] + \
-    [(4, 3, 1), (6, 36, 65), (7, 768, 768), (8, 20, 48), (9, 64, 49), (15, 44, 95), (16, 768, 97), (23, 12, 3)]
+    [(4, 3, 1), (6, 36, 65), (7, 768, 768), (8, 20, 48), (9, 64, 49), (15, 44, 95), (16, 768, 97), (23, 12, 3),
+     (3, 64, 6 * 48 - 41)]   # six column blocks: a claim of VNNI_SPAN, then a short one ending in a partial block
 
 
 def product_args(name, xq, xs, wq, ws):

@@ -75,6 +75,31 @@ def test_backlog_is_bounded():
     gate.set()
 
 
+def _until(condition, what: str) -> None:
+    for _ in range(WAIT * 1000):
+        if condition():
+            return
+        threading.Event().wait(0.001)
+    pytest.fail(what)
+
+
+def test_helpers_spin_then_sleep_and_an_offer_wakes_them():
+    """With no offers, every helper stops spinning and sleeps (none left running Python); an offer
+    then wakes one, which runs it: no wake-up is lost between a helper's last look and its sleep."""
+    threads._ensure(2)
+    _until(lambda: threads._asleep == threads.helper_count() and threads._awake[0] == 0, "the helpers never slept")
+    done = threading.Event()
+    threads.offer(done.set, (), 1)
+    assert done.wait(WAIT), "an offer did not wake a sleeping helper"
+    _until(lambda: threads._asleep == threads.helper_count(), "the woken helper did not go back to sleep")
+
+
+def test_a_shared_kernel_gets_a_fresh_state_that_spinning_helpers_watch():
+    before = threads._ahead
+    state = threads._post(lambda *a: None, (), 1, shared=True)
+    assert state is before and threads._ahead is not before and not threads._ahead.any()
+
+
 def test_no_helpers_for_a_count_of_zero():
     before = threads.helper_count()
     ran = []

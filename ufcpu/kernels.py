@@ -26,6 +26,7 @@ helpers against itself alone.
 from __future__ import annotations
 
 import math
+import platform
 
 import numpy as np
 from llvmlite import ir
@@ -37,6 +38,8 @@ from numba.extending import intrinsic
 from . import settings
 
 # LLVM fast-math flags: everything but the two that drop NaN/inf semantics.
+_X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
+
 FASTMATH = {"reassoc", "contract", "arcp", "nsz", "afn"}
 _JIT = dict(cache=settings.kernel_cache_dir() is not None, fastmath=FASTMATH, nogil=True)
 
@@ -73,6 +76,18 @@ def fetch_add(typingctx, array, index, value):
     return types.int64(array, index, value), codegen
 
 
+@intrinsic
+def load_acquire(typingctx, array, index):
+    """array[index] (int64), read atomically: a thread spinning on a counter reads it so, because
+    an atomic add would take the cache line from its writer at every check."""
+    def codegen(context, builder, signature, args):
+        array_type = signature.args[0]
+        arr = context.make_array(array_type)(context, builder, args[0])
+        ptr = cgutils.get_item_pointer(context, builder, array_type, arr, [args[1]])
+        return builder.load_atomic(ptr, "acquire", 8)
+    return types.int64(array, index), codegen
+
+
 @njit(inline="always", **_JIT)
 def _claim(state, slot, count):
     """-> the next index below `count` nobody has claimed from this slot, or -1 when none is left"""
@@ -92,6 +107,53 @@ def claim_loop(block):
             block(i, args)
             i = _claim(state, slot, count)
     return loop
+
+
+@intrinsic
+def _spin_pause(typingctx):
+    """x86's `pause` (a spinning thread yields the core's pipeline and saves power); elsewhere nothing."""
+    def codegen(context, builder, signature, args):
+        if _X86:
+            pause = builder.module.declare_intrinsic("llvm.x86.sse2.pause", fnty=ir.FunctionType(ir.VoidType(), []))
+            builder.call(pause, [])
+        return context.get_dummy_value()
+    return types.void(), codegen
+
+
+@njit(**_JIT)
+def wait_offer(posted, seen, ahead, checks, awake):
+    """Spin, at most `checks` checks a pause apart, until posted[0] is no longer `seen` (an offer)
+    and the shared state `ahead` shows its caller inside the kernel -> whether an offer came.
+    awake[0] counts the helpers running Python: one less while this one waits here.
+    A helper waits here between kernels, without the GIL: the OS takes tens of microseconds to
+    wake a sleeping thread, and a helper that took the GIL before the caller let it go would sleep
+    on it (the caller holds the GIL until its own kernel starts)."""
+    fetch_add(awake, 0, -1)
+    offered = False
+    for _ in range(checks):
+        if not offered:
+            offered = load_acquire(posted, 0) != seen
+        if offered and (load_acquire(ahead, SHARED_INSIDE) > 0 or load_acquire(ahead, SHARED_NEXT) > 0):
+            break
+        _spin_pause()
+    fetch_add(awake, 0, 1)
+    return offered
+
+
+@njit(**_JIT)
+def count_add(counter, value):
+    """counter[0] += value, atomically (for Python code sharing a counter with kernels)."""
+    fetch_add(counter, 0, value)
+
+
+@njit(**_JIT)
+def wait_zero(counter, checks):
+    """Spin until counter[0] is 0, at most `checks` checks a pause apart -> whether it is."""
+    for _ in range(checks):
+        if load_acquire(counter, 0) == 0:
+            return True
+        _spin_pause()
+    return False
 
 
 @njit(**_JIT)
@@ -1052,6 +1114,8 @@ VNNI_GROUP = 16      # output columns of one vpdpbusd (16 int32 lanes)
 VNNI_GROUPS = 3      # column groups of a register block: 8 tokens x 48 columns in 24 zmm accumulators
 VNNI_ROWS = 8        # tokens of a register block (at most)
 VNNI_COLS = VNNI_GROUP * VNNI_GROUPS   # output columns per claim; N is padded to a multiple of it
+VNNI_SPAN = 4        # column blocks per claim: each thread streams runs of consecutive weights (the prefetchers lose
+                     # track when two threads take turns block by block, and a shared product got slower than one alone)
 VNNI_TOKENS = 256    # tokens per claim: their activations (192 KB at K 768) stay in L2 over every column block
 U8_BIAS = np.int32(128)                # vpdpbusd multiplies u8 by s8: x + 128, minus 128 * sum_k w[n, k]
 
@@ -1296,9 +1360,18 @@ def _vnni_tile(typingctx, x, x_stride, rows, w, w_stride, kq, scales, acc):
 
 
 @njit(inline="always", **_JIT)
-def _vnni_block(i, args):  # claim i: output columns VNNI_COLS b .. of tokens VNNI_TOKENS c ..
+def _vnni_block(i, args):  # claim i: column blocks VNNI_SPAN s .. of tokens VNNI_TOKENS c ..
+    blocks = args[-1]
+    spans = (blocks + VNNI_SPAN - 1) // VNNI_SPAN
+    c, sp = divmod(i, spans)   # column blocks fastest: a chunk's activations stay in L2 while every block passes
+    end = min((sp + 1) * VNNI_SPAN, blocks)
+    for b in range(sp * VNNI_SPAN, end):
+        _vnni_columns(c, b, args)
+
+
+@njit(inline="always", **_JIT)
+def _vnni_columns(c, b, args):  # output columns VNNI_COLS b .. of tokens VNNI_TOKENS c ..
     xq, xs, ws, wsum, out, acc, base_x, row_x, base_w, group_bytes, kq, blocks = args
-    c, b = divmod(i, blocks)   # column blocks fastest: a chunk's activations stay in L2 while every block passes
     w = base_w + b * VNNI_GROUPS * group_bytes
     n0 = b * VNNI_COLS
     n1 = min(n0 + VNNI_COLS, out.shape[1])
@@ -1339,7 +1412,7 @@ def matmul_s8_vnni(xq, xs, wp, ws, wsum, out, state):
     acc = np.empty((VNNI_ROWS, VNNI_COLS), np.int32)   # this thread's register block, stored
     args = (xq, xs, ws, wsum, out, acc, np.int64(xq.ctypes.data),   # int64: uintp + int64 would be a float
             np.int64(xq.strides[0]), np.int64(wp.ctypes.data), kq * VNNI_GROUP * 4, kq, blocks)
-    _vnni_loop(state, SHARED_NEXT, chunks * blocks, args)
+    _vnni_loop(state, SHARED_NEXT, chunks * ((blocks + VNNI_SPAN - 1) // VNNI_SPAN), args)
     fetch_add(state, SHARED_INSIDE, -1)
 
 
@@ -1370,7 +1443,7 @@ def linear_s8_vnni(x, xq, xs, wp, ws, wsum, out, state):
     acc = np.empty((VNNI_ROWS, VNNI_COLS), np.int32)
     args = (xq, xs, ws, wsum, out, acc, np.int64(xq.ctypes.data),
             np.int64(xq.strides[0]), np.int64(wp.ctypes.data), kq * VNNI_GROUP * 4, kq, blocks)
-    _vnni_loop(state, SHARED_NEXT_2, chunks * blocks, args)
+    _vnni_loop(state, SHARED_NEXT_2, chunks * ((blocks + VNNI_SPAN - 1) // VNNI_SPAN), args)
     fetch_add(state, SHARED_INSIDE, -1)
 
 
@@ -1393,8 +1466,8 @@ def int8_kernels() -> list:
 # ---------------------------------------------------------------------------------------------
 # Registry: every shared kernel, with the size from which helpers join it and what to compile for
 # ---------------------------------------------------------------------------------------------
-# Offering a share costs the caller a queue put; a helper that wakes for a kernel too small to
-# split only takes CPU from the caller's next step. Helpers are offered a share from the size
+# Offering a share costs the caller a few microseconds; a kernel too small to split gains less
+# than the next kernels lose by reading what the other core wrote. Helpers are offered a share from the size
 # (elements of the first argument) where they paid off (bench/README.md, "Threads";
 # `python bench/kernels.py`).
 
@@ -1407,7 +1480,7 @@ _SHARED = {  # kernel -> first-argument size from which helpers are offered a sh
     quantize_rows: 256 * 768,       # as LayerNorm: one pass over each row
     matmul_s8_rows: 2 * 768,        # as matmul_nt
     matmul_s8_vnni: 2 * 768,
-    linear_s8_vnni: 48 * 768,       # below, a helper's wake-up and the second pass cost more than they save
+    linear_s8_vnni: 24 * 768,       # a 16-token forward was 5% slower shared, 24-40 tokens 12-15% faster
 }
 
 
@@ -1449,6 +1522,9 @@ def warmup() -> None:
         for args in calls:
             kernel(*args, np.zeros(SHARED_SLOTS, np.int64))
     helpers_done(np.zeros(SHARED_SLOTS, np.int64), 1)
+    wait_offer(np.zeros(1, np.int64), 0, np.zeros(SHARED_SLOTS, np.int64), 1, np.ones(1, np.int64))
+    count_add(np.zeros(1, np.int64), 1)
+    wait_zero(np.zeros(1, np.int64), 1)
 
 
 # Numba would unpickle whatever it finds in its cache folder: every kernel's cache checks its files.

@@ -10,8 +10,9 @@ kernels"). A model's `threads` governs both, on every call of that model:
   same count run at once, and a waiting call is let in before newer calls of the count in force).
 - `run(kernel, *args)` launches a shared kernel: on the calling thread, with `count() - 1`
   helpers offered a share when the input is large enough (`kernels._SHARED`).
-- The helpers are plain daemon Python threads, started on first use, asleep on a queue when idle;
-  each offer goes to the newest slots of a bounded board, so a stale offer never hides a new one.
+- The helpers are plain daemon Python threads, started on first use. Between kernels they spin
+  for a new offer (in a Numba loop, without the GIL) for about 2 ms, then sleep on a queue; each
+  offer goes to the newest slots of a bounded board, so a stale offer never hides a new one.
   A helper that wakes late finds fewer blocks or none: nobody waits for a thread to wake up. After
   a fork the child starts with no helpers and makes its own.
 
@@ -213,23 +214,65 @@ def calls(n: int):
 # --- helper threads ------------------------------------------------------------------------------
 
 _board: collections.deque = collections.deque(maxlen=1)   # the newest offers, one per helper at most
-_wake: queue.SimpleQueue = queue.SimpleQueue()             # one token per offer, at most one per helper
+_posted = np.zeros(1, np.int64)                            # [0]: offers made so far (spinning helpers watch it)
+_ahead = np.zeros(kernels.SHARED_SLOTS, np.int64)          # the state of the next shared kernel offered
+_awake = np.zeros(1, np.int64)                             # [0]: helpers running Python (changed atomically)
+_wake: queue.SimpleQueue = queue.SimpleQueue()             # one token per sleeping helper woken
+_asleep = 0                                                # helpers asleep on _wake, no token yet
+_lock = threading.Lock()                                   # guards the board's appends, _posted, _ahead, _asleep
 _helpers: list[threading.Thread] = []
 _grow = threading.Lock()
+
+# How long a helper spins for a new offer before it sleeps: long enough to span the gaps between
+# one call's kernels and between back-to-back calls, short enough that an idle model gives its
+# cores back at once (bench/README.md, "Threads").
+SPIN_SECONDS = 0.002
+
+
+@functools.lru_cache(maxsize=1)
+def _spin_checks() -> int:
+    """-> the checks of kernels.wait_offer that take about SPIN_SECONDS on this CPU (a pause lasts
+    10-140 cycles, by CPU): the fastest of a few timed runs of 1024 checks."""
+    import time
+    idle, ahead = np.zeros(1, np.int64), np.zeros(kernels.SHARED_SLOTS, np.int64)
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        kernels.wait_offer(idle, 0, ahead, 1024, np.ones(1, np.int64))
+        best = min(best, time.perf_counter() - t)
+    return max(1024, int(SPIN_SECONDS / max(best, 1e-9) * 1024))
+
+
+def _next_offer():
+    """-> the next (kernel, args) from the board: spinning (without the GIL) while offers may come
+    soon, then asleep until an offer wakes this helper."""
+    global _asleep
+    checks = _spin_checks()
+    while True:
+        with _lock:     # read before the board: an offer made after them changes _posted and uses ahead
+            seen, ahead = int(_posted[0]), _ahead
+        try:
+            return _board.popleft()
+        except IndexError:
+            pass
+        if kernels.wait_offer(_posted, seen, ahead, checks, _awake):
+            continue
+        with _lock:
+            if _board:
+                continue
+            _asleep += 1
+        kernels.count_add(_awake, -1)
+        _wake.get()
+        kernels.count_add(_awake, 1)
 
 
 def _serve() -> None:
     while True:
-        _wake.get()
-        while True:
-            try:
-                kernel, args = _board.popleft()
-            except IndexError:
-                break
-            try:
-                kernel(*args)
-            except Exception:  # a kernel only does arithmetic; the caller has done every block anyway
-                log.debug("a helper thread's share of %s failed", getattr(kernel, "__name__", kernel), exc_info=True)
+        kernel, args = _next_offer()
+        try:
+            kernel(*args)
+        except Exception:  # a kernel only does arithmetic; the caller has done every block anyway
+            log.debug("a helper thread's share of %s failed", getattr(kernel, "__name__", kernel), exc_info=True)
 
 
 def _ensure(n: int) -> None:
@@ -239,22 +282,39 @@ def _ensure(n: int) -> None:
             return
         while len(_helpers) < n:
             t = threading.Thread(target=_serve, name=f"ufcpu-helper-{len(_helpers)}", daemon=True)
+            kernels.count_add(_awake, 1)
             t.start()
             _helpers.append(t)
-        _board = collections.deque(_board, maxlen=len(_helpers))
+        with _lock:
+            _board = collections.deque(_board, maxlen=len(_helpers))
+
+
+def _post(kernel, args: tuple, n: int, shared: bool):
+    """Put kernel(*args) (with a fresh state appended when `shared`) on the board for up to n
+    helpers and wake the sleeping ones it needs -> the state, or None."""
+    global _ahead, _asleep
+    _ensure(n)
+    with _lock:
+        state = None
+        if shared:
+            state, _ahead = _ahead, np.zeros(kernels.SHARED_SLOTS, np.int64)
+            args = args + (state,)
+        for _ in range(n):
+            _board.append((kernel, args))
+        _posted[0] += 1
+        woken = min(n, _asleep)
+        _asleep -= woken
+    for _ in range(woken):
+        _wake.put(None)
+    return state
 
 
 def offer(kernel, args: tuple, n: int) -> None:
     """Let up to n helper threads run kernel(*args) too, and return at once. The board keeps only
-    the newest offers (one per helper): an older one, whose call has likely ended, is dropped."""
-    if n < 1:
-        return
-    _ensure(n)
-    board = _board
-    for _ in range(n):
-        board.append((kernel, args))
-        if _wake.qsize() < len(_helpers):
-            _wake.put(None)
+    the newest offers (one per helper): an older one, whose call has likely ended, is dropped.
+    Spinning helpers take it at once; sleeping ones are woken, as many as it has shares."""
+    if n >= 1:
+        _post(kernel, args, n, shared=False)
 
 
 def helper_count() -> int:
@@ -264,6 +324,12 @@ def helper_count() -> int:
 # --- launching -----------------------------------------------------------------------------------
 
 _SPINS = 1 << 12   # checks between yields while a helper finishes its last block
+SETTLE_SECONDS = 50e-6   # at most this long for helpers to get back to waiting after a kernel
+
+
+@functools.lru_cache(maxsize=1)
+def _settle_checks() -> int:
+    return max(1, int(_spin_checks() * SETTLE_SECONDS / SPIN_SECONDS))
 
 
 def run(kernel, *args):
@@ -272,11 +338,13 @@ def run(kernel, *args):
     n = count()
     if n == 1 or args[0].size < kernels._SHARED[kernel]:
         return run_here(kernel, *args)
-    state = np.zeros(kernels.SHARED_SLOTS, np.int64)
-    offer(kernel, args + (state,), n - 1)
+    state = _post(kernel, args, n - 1, shared=True)
     kernel(*args, state)
     while not kernels.helpers_done(state, _SPINS):
         os.sched_yield()
+    # A helper just out of the kernel holds the GIL for a few microseconds on its way back to
+    # waiting; taking it from a helper would put this thread to sleep, and waking takes longer.
+    kernels.wait_zero(_awake, _settle_checks())
     return None
 
 
@@ -288,9 +356,13 @@ def run_here(kernel, *args):
 # --- fork ----------------------------------------------------------------------------------------
 
 def _after_fork_in_child() -> None:
-    global _board, _wake, _grow, _gate
+    global _board, _ahead, _awake, _wake, _asleep, _lock, _grow, _gate
     _board = collections.deque(maxlen=1)
+    _ahead = np.zeros(kernels.SHARED_SLOTS, np.int64)
+    _awake = np.zeros(1, np.int64)
     _wake = queue.SimpleQueue()
+    _asleep = 0
+    _lock = threading.Lock()
     _grow = threading.Lock()
     _helpers.clear()
     gate = _BlasGate(users=1 if getattr(_local, "held", None) is not None else 0)
