@@ -245,3 +245,45 @@ def test_the_command_line_says_when_threads_exceed_the_cores():
     assert p.returncode == 0, p.stderr
     warned = [line for line in p.stderr.splitlines() if "cores" in line]
     assert warned == [f"ufcpu: threads=1000 is more than the {top} cores available: using {top}"], p.stderr
+
+
+# --- how long helpers spin -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("raw,seconds", [("", 2e-3), ("0", 0.0), ("500", 5e-4), (" 3000 ", 3e-3)])
+def test_spin_time_comes_from_the_environment(raw, seconds, monkeypatch):
+    from ufcpu import settings
+    monkeypatch.setenv("UFCPU_SPIN_US", raw)
+    settings.helper_spin_seconds.cache_clear()
+    try:
+        assert settings.helper_spin_seconds() == pytest.approx(seconds)
+        assert (threads._spin_checks() == 0) == (seconds == 0)
+    finally:
+        settings.helper_spin_seconds.cache_clear()
+
+
+@pytest.mark.parametrize("raw", ["-1", "2ms", "1.5"])
+def test_a_bad_spin_time_is_named_and_the_default_used(raw, monkeypatch, caplog):
+    from ufcpu import settings
+    monkeypatch.setenv("UFCPU_SPIN_US", raw)
+    settings.helper_spin_seconds.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="ufcpu"):
+            assert settings.helper_spin_seconds() == pytest.approx(2e-3)
+        assert [r.getMessage() for r in caplog.records] == [
+            f"UFCPU_SPIN_US={raw!r} is not a whole number of microseconds: using 2000"]
+    finally:
+        settings.helper_spin_seconds.cache_clear()
+
+
+def test_helpers_that_never_spin_still_run_every_offer(monkeypatch):
+    """UFCPU_SPIN_US=0: helpers sleep at once after each task, and every offer still wakes one."""
+    from ufcpu import settings
+    monkeypatch.setenv("UFCPU_SPIN_US", "0")
+    settings.helper_spin_seconds.cache_clear()
+    try:
+        for i in range(20):
+            done = threading.Event()
+            threads.offer(done.set, (), 1)
+            assert done.wait(WAIT), f"offer {i} was not run"
+    finally:
+        settings.helper_spin_seconds.cache_clear()

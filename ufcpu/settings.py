@@ -7,6 +7,7 @@
   finds there), never exported to child processes; cache files carry a checksum and a file that
   fails it is recompiled (`guard_kernel_caches`).
 - glibc malloc's thresholds: only when asked, `tune_malloc()` (the `ufcpu` command asks).
+- How long helper threads spin between kernels: `helper_spin_seconds()`, from UFCPU_SPIN_US.
 
 Thread counts (OpenBLAS's and ufcpu's own) are ufcpu/threads.py's.
 """
@@ -269,3 +270,25 @@ def tune_malloc() -> bool:
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     mallopt.restype = ctypes.c_int
     return all(mallopt(param, value) == 1 for param, value in MALLOC_SETTINGS.items())
+
+
+# --- helper threads' spin ----------------------------------------------------------------------------
+HELPER_SPIN_US = 2000   # long enough to span the gaps between one call's kernels (bench/README.md, "Threads")
+
+
+@functools.lru_cache(maxsize=1)
+def helper_spin_seconds() -> float:
+    """How long an idle helper thread spins for the next kernel before it sleeps: UFCPU_SPIN_US
+    microseconds (0: sleep at once, for machines where an idle core is worth more), else 2 ms.
+    A value that is not a whole number of microseconds is reported once and the default used."""
+    raw = os.environ.get("UFCPU_SPIN_US", "").strip()
+    if not raw:
+        return HELPER_SPIN_US * 1e-6
+    try:
+        us = int(raw)
+        if us < 0:
+            raise ValueError
+    except ValueError:
+        log.warning("UFCPU_SPIN_US=%r is not a whole number of microseconds: using %d", raw, HELPER_SPIN_US)
+        us = HELPER_SPIN_US
+    return us * 1e-6

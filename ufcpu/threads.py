@@ -33,7 +33,7 @@ import threading
 import numba
 import numpy as np  # (also loads the BLAS library this module looks for)
 
-from . import kernels
+from . import kernels, settings
 from .errors import InputError
 
 log = logging.getLogger("ufcpu")
@@ -223,16 +223,10 @@ _lock = threading.Lock()                                   # guards the board's 
 _helpers: list[threading.Thread] = []
 _grow = threading.Lock()
 
-# How long a helper spins for a new offer before it sleeps: long enough to span the gaps between
-# one call's kernels and between back-to-back calls, short enough that an idle model gives its
-# cores back at once (bench/README.md, "Threads").
-SPIN_SECONDS = 0.002
-
-
 @functools.lru_cache(maxsize=1)
-def _spin_checks() -> int:
-    """-> the checks of kernels.wait_offer that take about SPIN_SECONDS on this CPU (a pause lasts
-    10-140 cycles, by CPU): the fastest of a few timed runs of 1024 checks."""
+def _check_seconds() -> float:
+    """-> how long one check of kernels.wait_offer takes on this CPU (a pause lasts 10-140 cycles,
+    by CPU): the fastest of a few timed runs of 1024 checks."""
     import time
     idle, ahead = np.zeros(1, np.int64), np.zeros(kernels.SHARED_SLOTS, np.int64)
     best = float("inf")
@@ -240,7 +234,14 @@ def _spin_checks() -> int:
         t = time.perf_counter()
         kernels.wait_offer(idle, 0, ahead, 1024, np.ones(1, np.int64))
         best = min(best, time.perf_counter() - t)
-    return max(1024, int(SPIN_SECONDS / max(best, 1e-9) * 1024))
+    return max(best, 1e-9) / 1024
+
+
+def _spin_checks() -> int:
+    """-> the checks a helper spins for a new offer before it sleeps: long enough to span the gaps
+    between one call's kernels and between back-to-back calls, short enough that an idle model
+    gives its cores back at once (settings.helper_spin_seconds, 2 ms unless set)."""
+    return int(settings.helper_spin_seconds() / _check_seconds())
 
 
 def _next_offer():
@@ -329,7 +330,7 @@ SETTLE_SECONDS = 50e-6   # at most this long for helpers to get back to waiting 
 
 @functools.lru_cache(maxsize=1)
 def _settle_checks() -> int:
-    return max(1, int(_spin_checks() * SETTLE_SECONDS / SPIN_SECONDS))
+    return max(1, int(SETTLE_SECONDS / _check_seconds()))
 
 
 def run(kernel, *args):
