@@ -670,6 +670,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="before each row, wait up to this long for other processes to leave the CPUs "
                          "90%% idle (shared machines; default 0: just record how idle they were)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--name", default=None,
+                    help="results file name without suffix (default encoder-<cpu>, e.g. encoder-icelake-server; "
+                         "--smoke: encoder)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--plan", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--result", type=Path, help=argparse.SUPPRESS)
@@ -718,14 +721,15 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"model": (f"{source} (real checkpoint)" if args.model else
                       "the project's random checkpoint in the exact Hub layout (weights_convert/random_checkpoint.py)"),
             "sentence_tokens": int(sentence[1].sum())}
-    png = args.out / "encoder.png"
+    name = args.name or ("encoder" if args.smoke else f"encoder-{common.cpu_slug(info)}")   # one file per CPU
+    png = args.out / f"{name}.png"
     plotted = plot(results, rows, cfg, workloads, png)
     ratios = peer_ratios(results, workloads, with_targets=not args.smoke)
     md = "\n".join([markdown(results, rows, skipped, cfg, workloads, speedups, meta), *peer_markdown(ratios)])
     if not plotted:
         md += "\n(plot skipped: matplotlib is not installed)\n"
     info["loadavg_at_end"] = common.loadavg()
-    common.write_json(args.out / "encoder.json", {
+    common.write_json(args.out / f"{name}.json", {
         "benchmark": "encoder", "smoke": args.smoke, "machine": info, "model": meta["model"],
         "engine_dir": str(engine_dir), "config": cfg.to_json(),
         "rows": {r.key: {"family": r.family, "ffn": r.ffn, "what": label(r, cfg)} for r in wanted},
@@ -739,9 +743,9 @@ def main(argv: list[str] | None = None) -> int:
         "isolation": "one process per (row, threads)" if not args.smoke else f"process groups {SMOKE_GROUPS} (smoke)",
         "results": results, "speedups": speedups, "peer_ratios": ratios, "plot": png.name if plotted else None,
         "wall_s": time.perf_counter() - started})
-    common.write_text(args.out / "encoder.md", md)
+    common.write_text(args.out / f"{name}.md", md)
     print(md)
-    log(f"wrote {args.out / 'encoder.json'}, encoder.md{', encoder.png' if plotted else ''} "
+    log(f"wrote {args.out / name}.json, .md{', .png' if plotted else ''} "
         f"in {time.perf_counter() - started:.0f} s")
     return 1 if any("error" in r for r in results) else 0
 
