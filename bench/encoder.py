@@ -571,8 +571,8 @@ def markdown(results: list[dict], rows: list[Row], skipped: dict, cfg, workloads
     out.append("")
     enc = [r for r in results if "encode_sentence" in r]
     if enc:
-        out.append("End-to-end `Model.encode(sentence)` (tokenize + forward + mean pooling), ufcpu-fff: "
-                   + "; ".join(f"{r['threads']} thread(s) p50 {fmt(r['encode_sentence']['p50_ms'])} ms, "
+        out.append("End-to-end `Model.encode(sentence)` (tokenize + forward + mean pooling): "
+                   + "; ".join(f"{r['row']} at {r['threads']} thread(s) p50 {fmt(r['encode_sentence']['p50_ms'])} ms, "
                                f"p95 {fmt(r['encode_sentence']['p95_ms'])} ms" for r in enc) + ".")
         out.append("")
     prof = [r for r in results if "breakdown" in r]
