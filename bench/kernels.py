@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-import ufcpu  # noqa: E402  (before NumPy: ufcpu settles OpenBLAS's idle workers, as for any user)
+import ufcpu  # noqa: F401  (before NumPy: ufcpu settles OpenBLAS's idle workers, as for any user)
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
