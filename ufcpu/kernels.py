@@ -283,15 +283,54 @@ P0, P1, P2, P3, P4, P5 = (np.float32(c) for c in (1.535336188319500e-4, 1.339887
                                                    2.402264791363012e-1, 6.931472028550421e-1))
 
 
-@njit(inline="always", **_JIT)
-def exp_f32(x):
-    if x < EXP_MIN:
-        return np.float32(0.0)
-    t = x * LOG2E
-    n = np.floor(t + np.float32(0.5))       # x = (n + f) ln 2, |f| <= 1/2; float32 (math.floor's int made it float64)
-    f = t - n
-    p = ((((P0 * f + P1) * f + P2) * f + P3) * f + P4) * f + P5
-    return (p * f + np.float32(1.0)) * _f32_from_bits((np.int32(n) + np.int32(127)) << np.int32(23))
+def _exp_ir(builder, x):
+    """IR of exp on a <16 x float> x, Cephes' exp2f: x = (n + f) ln 2 with |f| <= 1/2, 2^f by its
+    polynomial, 2^n from its exponent bits. x is clamped at EXP_MIN first (so that 2^n is a
+    float32) and the result below it is 0, exactly. FMAs, no fast-math flags: a fixed rounding."""
+    f, i32 = ir.FloatType(), ir.IntType(32)
+    vec, ivec = ir.VectorType(f, F32_LANES), ir.VectorType(i32, F32_LANES)
+    module = builder.module
+    fma = cgutils.get_or_insert_function(module, ir.FunctionType(vec, [vec, vec, vec]), "llvm.fma.v16f32")
+    floor = cgutils.get_or_insert_function(module, ir.FunctionType(vec, [vec]), "llvm.floor.v16f32")
+
+    def splat(c):
+        return ir.Constant(vec, [ir.Constant(f, float(c))] * F32_LANES)
+    below = builder.fcmp_ordered("<", x, splat(EXP_MIN))
+    t = builder.fmul(builder.select(below, splat(EXP_MIN), x), splat(LOG2E))
+    n = builder.call(floor, [builder.fadd(t, splat(0.5))])
+    frac = builder.fsub(t, n)
+    p = splat(P0)
+    for c in (P1, P2, P3, P4, P5):
+        p = builder.call(fma, [p, frac, splat(c)])
+    p = builder.call(fma, [p, frac, splat(1.0)])
+    bits = builder.shl(builder.add(builder.fptosi(n, ivec), ir.Constant(ivec, [ir.Constant(i32, 127)] * F32_LANES)),
+                       ir.Constant(ivec, [ir.Constant(i32, 23)] * F32_LANES))
+    e = builder.fmul(p, builder.bitcast(bits, vec))
+    return builder.select(below, splat(0.0), e)
+
+
+@intrinsic
+def _exp16(typingctx, src, dst):
+    """dst[0:16] = exp(src[0:16]) (addresses), through _exp_ir."""
+    def codegen(context, builder, signature, args):
+        vec = ir.VectorType(ir.FloatType(), F32_LANES)
+        a, b = (builder.inttoptr(context.cast(builder, v, t, types.int64), vec.as_pointer())
+                for v, t in zip(args, signature.args))
+        builder.store(_exp_ir(builder, builder.load(a, align=4)), b, align=4)
+        return context.get_dummy_value()
+    return types.void(src, dst), codegen
+
+
+@njit(**_JIT)
+def exp_f32(x, out):
+    """out = exp(x) for float32 [n] arrays, 16 at a time (the softmax's exp, for its tests)."""
+    buf = np.zeros(F32_LANES, np.float32)
+    res = np.empty(F32_LANES, np.float32)
+    for i in range(0, x.shape[0], F32_LANES):
+        k = min(F32_LANES, x.shape[0] - i)
+        buf[:k] = x[i:i + k]
+        _exp16(np.int64(buf.ctypes.data), np.int64(res.ctypes.data))
+        out[i:i + k] = res[:k]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -305,8 +344,9 @@ def exp_f32(x):
 #   once per block;
 # - context [4 queries, 64 features] += P^T[k, q] * V[k, :], V's rows copied together once per
 #   block (read in place, 9 KB apart, they made the context product 1.7x slower).
-# The softmax then runs down the columns, 32 queries at once, each query's scores in key order:
-# times the scale plus the key's bias, the max, exp of the difference, their sum, times 1 / sum.
+# The softmax then runs down the columns, 32 queries at once in two vectors (LLVM IR, _softmax_tile),
+# each query's scores in key order: times the scale plus the key's bias, the max, exp of the
+# difference, their sum, times 1 / sum.
 
 ATTN_QUERY_TILE = 32   # queries per block, two vectors of 16: 1 sequence x 12 heads x 128 tokens is 48 blocks
 ATTN_KEY_ROWS = 8      # keys of a score tile: 8 x 2 vectors of accumulators
@@ -374,35 +414,55 @@ def _ctx_tile(vectors, a, a_row, a_step, b, b_row, count, c, c_row):
         _ctx_tile_1(a, a_row, a_step, b, b_row, count, c, c_row)
 
 
-@njit(inline="always", **_JIT)
-def _softmax_columns(st, s_len, bias, scale, m, total):  # scores^T [S, 32] -> P^T, a query per column
-    for q in range(ATTN_QUERY_TILE):                                # (constant trip counts: LLVM vectorises
-        m[q] = -np.inf                                              # a loop of 32 only when it knows it)
-        total[q] = np.float32(0.0)
-    for k in range(s_len):
-        row = st[k]
-        b = bias[k]
-        for q in range(ATTN_QUERY_TILE):
-            v = row[q] * scale + b
-            row[q] = v
-            m[q] = max(m[q], v)
-    for k in range(s_len):
-        row = st[k]
-        for q in range(ATTN_QUERY_TILE):
-            e = exp_f32(row[q] - m[q])
-            row[q] = e
-            total[q] += e
-    for q in range(ATTN_QUERY_TILE):
-        total[q] = np.float32(1.0) / total[q]
-    for k in range(s_len):
-        row = st[k]
-        for q in range(ATTN_QUERY_TILE):
-            row[q] *= total[q]
+@intrinsic
+def _softmax_tile(typingctx, st, st_row, s_len, bias, scale):
+    """Softmax down the columns of scores^T [s_len, 32] (a query per column, rows st_row bytes
+    apart, at address st), in place: times `scale` plus the key's bias (float32 [s_len] at address
+    bias), minus the column's max, exp, times 1 / the column's sum. Written in LLVM IR with the 32
+    columns in two vectors: the maxima and sums stay in registers over the keys."""
+    def codegen(context, builder, signature, args):
+        f, i64 = ir.FloatType(), ir.IntType(64)
+        vec = ir.VectorType(f, F32_LANES)
+        st, st_row, s_len, bias = (context.cast(builder, v, t, types.int64) for v, t in zip(args[:4], signature.args[:4]))
+        scale = context.cast(builder, args[4], signature.args[4], types.float32)
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec, vec, vec]), "llvm.fma.v16f32")
+        undef, lanes = ir.Constant(vec, ir.Undefined), ir.Constant(ir.VectorType(ir.IntType(32), F32_LANES), None)
+
+        def splat(value):
+            return builder.shuffle_vector(builder.insert_element(undef, value, ir.Constant(ir.IntType(32), 0)), undef, lanes)
+
+        def halves(k):   # the two <16 x float> pointers of row k
+            row = builder.add(st, builder.mul(k, st_row))
+            return [builder.inttoptr(builder.add(row, ir.Constant(i64, 4 * F32_LANES * h)), vec.as_pointer()) for h in (0, 1)]
+        vs = splat(scale)
+        neg = ir.Constant(vec, [ir.Constant(f, float("-inf"))] * F32_LANES)
+        m = [cgutils.alloca_once_value(builder, neg) for _ in (0, 1)]
+        total = [cgutils.alloca_once_value(builder, ir.Constant(vec, None)) for _ in (0, 1)]
+        with cgutils.for_range(builder, s_len) as loop:    # scores * scale + bias, and the max
+            b = splat(builder.load(builder.inttoptr(builder.add(bias, builder.mul(loop.index, ir.Constant(i64, 4))),
+                                                    f.as_pointer()), align=4))
+            for h, ptr in enumerate(halves(loop.index)):
+                v = builder.call(fma, [builder.load(ptr, align=4), vs, b])
+                builder.store(v, ptr, align=4)
+                old = builder.load(m[h])
+                builder.store(builder.select(builder.fcmp_ordered(">", v, old), v, old), m[h])
+        with cgutils.for_range(builder, s_len) as loop:    # exp of the difference, and the sum
+            for h, ptr in enumerate(halves(loop.index)):
+                e = _exp_ir(builder, builder.fsub(builder.load(ptr, align=4), builder.load(m[h])))
+                builder.store(e, ptr, align=4)
+                builder.store(builder.fadd(builder.load(total[h]), e), total[h])
+        one = ir.Constant(vec, [ir.Constant(f, 1.0)] * F32_LANES)
+        inv = [builder.fdiv(one, builder.load(total[h])) for h in (0, 1)]
+        with cgutils.for_range(builder, s_len) as loop:    # times 1 / sum
+            for h, ptr in enumerate(halves(loop.index)):
+                builder.store(builder.fmul(builder.load(ptr, align=4), inv[h]), ptr, align=4)
+        return context.get_dummy_value()
+    return types.void(st, st_row, s_len, bias, scale), codegen
 
 
 @njit(inline="always", **_JIT)
 def _attention_block(blk, args):  # block blk = (sequence, head, query tile)
-    qkv, key_bias, scale, out, heads, s_len, qt, st, kp, vp, cx, m, total = args
+    qkv, key_bias, scale, out, heads, s_len, qt, st, kp, vp, cx = args
     tiles = (s_len + ATTN_QUERY_TILE - 1) // ATTN_QUERY_TILE
     tile = blk % tiles
     head = (blk // tiles) % heads
@@ -434,7 +494,7 @@ def _attention_block(blk, args):  # block blk = (sequence, head, query tile)
                     kp[r, i] = qkv[base + k0 + r, kc + i] if k0 + r < s_len else np.float32(0.0)
             a, a_row = np.int64(kp.ctypes.data), np.int64(kp.strides[0])
         _score_tile(a, a_row, 4, qt_at, np.int64(qt.strides[0]), d, st_at + k0 * st_row, st_row)
-    _softmax_columns(st, s_len, key_bias[seq], scale, m, total)
+    _softmax_tile(st_at, st_row, s_len, np.int64(key_bias.ctypes.data) + seq * np.int64(key_bias.strides[0]), scale)
     for k in range(s_len):                                          # V's rows, together, padded to whole vectors
         v = qkv[base + k, vc:vc + d]
         vr = vp[k]
@@ -475,8 +535,7 @@ def attention_heads(qkv, key_bias, scale, heads, out, state):
             np.empty((s_pad, ATTN_QUERY_TILE), np.float32),        # scores^T, then P^T
             np.empty((ATTN_KEY_ROWS, d), np.float32),              # the last keys, padded
             np.empty((s_len, d_pad), np.float32),                  # V, padded
-            np.empty((ATTN_CTX_ROWS, 4 * F32_LANES), np.float32),  # a context tile
-            np.empty(ATTN_QUERY_TILE, np.float32), np.empty(ATTN_QUERY_TILE, np.float32))  # max, 1 / sum
+            np.empty((ATTN_CTX_ROWS, 4 * F32_LANES), np.float32))  # a context tile
     _attention_loop(state, SHARED_NEXT, n * heads * tiles, args)
     fetch_add(state, SHARED_INSIDE, -1)
 
