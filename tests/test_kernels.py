@@ -785,6 +785,21 @@ def test_attention_heads_gives_padded_keys_no_weight():
                                run_attention(qkv, bias, 12)[40 + keep], rtol=0, atol=1e-6)
 
 
+def test_a_query_tile_is_not_touched_by_the_spare_columns_of_an_earlier_one():
+    """Q^T's columns past a short tile's queries keep an earlier tile's queries (zeroing them cost
+    more than the rest of a short sequence's block): even a NaN query there leaves every other
+    query's context, in any tile, the bits it has without it."""
+    rng = np.random.default_rng(11)
+    qkv, bias, _ = attention_case(rng, 1, 40, 2, 64, padded=False)   # tiles of 32 and 8 queries
+    bad = qkv.copy()
+    bad[20, :2 * 64] = np.nan                                         # query 20 of both heads
+    with threads.calls(1):
+        got, want = run_attention(bad, bias, 2), run_attention(qkv, bias, 2)
+    others = np.arange(40) != 20
+    np.testing.assert_array_equal(got[others], want[others])
+    assert np.isnan(got[20]).all()
+
+
 def test_attention_heads_uses_the_scale():
     rng = np.random.default_rng(9)
     qkv, bias, _ = attention_case(rng, 1, 33, 2, 64, padded=False)

@@ -475,14 +475,10 @@ def _attention_block(blk, args):  # block blk = (sequence, head, query tile)
     rows = min(ATTN_QUERY_TILE, s_len - q0)
     row_bytes = np.int64(qkv.strides[0])
     at = np.int64(qkv.ctypes.data) + base * row_bytes              # this sequence's QKV rows
-    for c in range(ATTN_QUERY_TILE):                                # Q^T [d, 32], zeros past the tile's queries
-        if c < rows:
-            qr = qkv[base + q0 + c, qc:qc + d]
-            for i in range(d):
-                qt[i, c] = qr[i]
-        else:
-            for i in range(d):
-                qt[i, c] = np.float32(0.0)
+    for c in range(rows):                                           # Q^T [d, 32]: past the tile's queries, zeros or an
+        qr = qkv[base + q0 + c, qc:qc + d]                          # earlier tile's (finite; their columns are never read)
+        for i in range(d):
+            qt[i, c] = qr[i]
     qt_at, st_at = np.int64(qt.ctypes.data), np.int64(st.ctypes.data)
     st_row = np.int64(st.strides[0])
     for k0 in range(0, s_len, ATTN_KEY_ROWS):                       # scores^T [S, 32] = K Q^T
@@ -531,7 +527,7 @@ def attention_heads(qkv, key_bias, scale, heads, out, state):
     s_pad = (s_len + ATTN_KEY_ROWS - 1) // ATTN_KEY_ROWS * ATTN_KEY_ROWS
     d_pad = (d + F32_LANES - 1) // F32_LANES * F32_LANES
     args = (qkv, key_bias, scale, out, heads, s_len,               # and this thread's scratch:
-            np.empty((d, ATTN_QUERY_TILE), np.float32),            # Q^T
+            np.zeros((d, ATTN_QUERY_TILE), np.float32),            # Q^T (zeros: never a denormal in a spare column)
             np.empty((s_pad, ATTN_QUERY_TILE), np.float32),        # scores^T, then P^T
             np.empty((ATTN_KEY_ROWS, d), np.float32),              # the last keys, padded
             np.empty((s_len, d_pad), np.float32),                  # V, padded
