@@ -229,15 +229,16 @@ def gelu_(x, state):  # [T, F] float32, in place; shared
 def _layer_norm_row(x, w, b, eps, out, t):
     row = x[t]
     h = row.shape[0]
+    n = np.float32(h)   # (a float32 divided by an int is a float64 in Numba: every pass below was)
     mean = np.float32(0.0)
     for j in range(h):
         mean += row[j]
-    mean /= h
+    mean /= n
     var = np.float32(0.0)
     for j in range(h):
         d = row[j] - mean
         var += d * d
-    var /= h
+    var /= n
     inv = np.float32(1.0) / np.sqrt(var + eps)
     o = out[t]
     for j in range(h):
