@@ -348,9 +348,9 @@ def test_wait_offer_returns_when_an_offer_is_posted_and_its_caller_is_inside():
 
 def test_wait_zero_and_count_add():
     c = np.array([2], np.int64)
-    assert kernels.wait_zero(c, 50) is False
+    assert kernels.wait_zero(c, 0, 50) is False
     kernels.count_add(c, -2)
-    assert kernels.wait_zero(c, 1 << 40) is True and c[0] == 0
+    assert kernels.wait_zero(c, 0, 1 << 40) is True and c[0] == 0
     kernels.count_add(c, 7)
     assert c[0] == 7
 

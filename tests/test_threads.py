@@ -28,13 +28,18 @@ def test_offered_work_runs_on_helper_threads():
     assert threading.current_thread().name not in {name for _, name in seen}
 
 
-def _until_waiting(gate, n: int) -> None:
-    """Until a caller needing n threads waits at the gate (at most WAIT seconds: else it fails)."""
+def _until(condition, what: str) -> None:
+    """Until condition() holds (at most WAIT seconds: else the test fails, saying `what`)."""
     for _ in range(WAIT * 1000):
-        if gate.waiting[n]:
+        if condition():
             return
         threading.Event().wait(0.001)
-    pytest.fail(f"no caller of count {n} came to wait at the gate")
+    pytest.fail(what)
+
+
+def _until_waiting(gate, n: int) -> None:
+    """Until a caller needing n threads waits at the gate."""
+    _until(lambda: gate.waiting[n], f"no caller of count {n} came to wait at the gate")
 
 
 def _block_every_helper():
@@ -73,14 +78,6 @@ def test_backlog_is_bounded():
     assert len(threads._board) <= threads.helper_count()
     assert threads._wake.qsize() <= threads.helper_count()
     gate.set()
-
-
-def _until(condition, what: str) -> None:
-    for _ in range(WAIT * 1000):
-        if condition():
-            return
-        threading.Event().wait(0.001)
-    pytest.fail(what)
 
 
 def test_helpers_spin_then_sleep_and_an_offer_wakes_them():

@@ -147,10 +147,10 @@ def count_add(counter, value):
 
 
 @njit(**_JIT)
-def wait_zero(counter, checks):
-    """Spin until counter[0] is 0, at most `checks` checks a pause apart -> whether it is."""
+def wait_zero(counter, index, checks):
+    """Spin until counter[index] is 0, at most `checks` checks a pause apart -> whether it is."""
     for _ in range(checks):
-        if load_acquire(counter, 0) == 0:
+        if load_acquire(counter, index) == 0:
             return True
         _spin_pause()
     return False
@@ -159,10 +159,7 @@ def wait_zero(counter, checks):
 @njit(**_JIT)
 def helpers_done(state, spins):
     """Spin until no thread is inside the kernel, at most `spins` checks -> whether none is."""
-    for _ in range(spins):
-        if fetch_add(state, SHARED_INSIDE, 0) == 0:
-            return True
-    return False
+    return wait_zero(state, SHARED_INSIDE, spins)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1580,7 +1577,6 @@ def warmup() -> None:
     helpers_done(np.zeros(SHARED_SLOTS, np.int64), 1)
     wait_offer(np.zeros(1, np.int64), 0, np.zeros(SHARED_SLOTS, np.int64), 1, np.ones(1, np.int64))
     count_add(np.zeros(1, np.int64), 1)
-    wait_zero(np.zeros(1, np.int64), 1)
 
 
 # Numba would unpickle whatever it finds in its cache folder: every kernel's cache checks its files.

@@ -345,7 +345,7 @@ def run(kernel, *args):
         os.sched_yield()
     # A helper just out of the kernel holds the GIL for a few microseconds on its way back to
     # waiting; taking it from a helper would put this thread to sleep, and waking takes longer.
-    kernels.wait_zero(_awake, _settle_checks())
+    kernels.wait_zero(_awake, 0, _settle_checks())
     return None
 
 
