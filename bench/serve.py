@@ -56,10 +56,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: Path, threads: int, port: int, log_path: Path, env: dict) -> subprocess.Popen:
+def start_server(model: Path, threads: int, port: int, log_path: Path, env: dict, precision: str,
+                 extra: list[str]) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "ufcpu", "serve", "--model", str(model), "--port", str(port), "--threads",
-         str(threads), "--max-concurrent-requests", "4096", "--max-client-batch-size", "64"],
+         str(threads), "--precision", precision, "--max-concurrent-requests", "4096", "--max-client-batch-size", "64",
+         *extra],
         stdout=subprocess.DEVNULL, stderr=open(log_path, "w"), env={**os.environ, **env})
 
 
@@ -184,8 +186,8 @@ async def load(port: int, clients: int, per_client: int, texts: list[str], size:
             "p99_ms": float(np.percentile(lat, 99)), "phases_p50_ms": med, **batch_histogram(before, after)}
 
 
-def offline(model_dir: Path, threads: int, texts: list[str], repeats: int) -> dict:
-    m = ufcpu.load(model_dir, threads=threads)
+def offline(model_dir: Path, threads: int, texts: list[str], repeats: int, precision: str) -> dict:
+    m = ufcpu.load(model_dir, threads=threads, precision=precision)
     m.encode(texts[:32])
     samples = common.repeat(lambda: m.encode(texts, batch_size=32), repeats, repeats, 0.0)
     s = common.stats(samples)
@@ -206,7 +208,8 @@ def markdown(points: list[dict], off: dict, meta: dict) -> str:
         split.append([p["mode"], p["clients"], *(fmt(p["phases_p50_ms"].get(k)) for k in PHASES)])
     hist = "\n".join(f"- {p['mode']} x {p['clients']}: {p['batches']} batches, "
                      + ", ".join(f"{n} of <= {b}" for b, n in p["inputs_le"].items()) for p in points)
-    return (f"# ufcpu serve under load\n\n{meta['model']}; server and offline at {meta['threads']} thread(s); "
+    return (f"# ufcpu serve under load\n\n{meta['model']}; server and offline at {meta['threads']} thread(s), {meta['precision']}"
+            f"{' (server: ' + ' '.join(meta['server_args']) + ')' if meta['server_args'] else ''}; "
             f"{meta['cores']} cores shared by the server and the clients (one asyncio process, raw "
             f"kept-alive connections); loadavg at start {meta['loadavg']}, at end {meta['loadavg_end']}.\n\n"
             + common.md_table(["mode", "clients", "requests", "texts/s", "p50 ms", "p99 ms", "x offline",
@@ -230,6 +233,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--requests", type=int, default=256, help="texts sent per point (default 256; --smoke: 8)")
     ap.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE",
                     help="environment of the server process only, for A/B runs (repeatable)")
+    ap.add_argument("--precision", default="float32", help="server and offline precision (default float32)")
+    ap.add_argument("--server-arg", action="append", default=[], metavar="ARG",
+                    help="one more `ufcpu serve` argument, e.g. --server-arg=--return-wait-ms=0 (repeatable)")
     ap.add_argument("--smoke", action="store_true", help="tiny random model, a few requests per point")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
@@ -251,11 +257,11 @@ def main(argv: list[str] | None = None) -> int:
     texts = sentences(64 if args.smoke else 512, args.seed)
     info = common.machine_info()
 
-    off = offline(model_dir, threads, texts, 1 if args.smoke else 3)
+    off = offline(model_dir, threads, texts, 1 if args.smoke else 3, args.precision)
     log(f"offline encode: {off['texts_per_s']:.0f} texts/s")
     port = free_port()
     log_path = Path(tempfile.mkdtemp(prefix="ufcpu-bench-serve-")) / "server.log"   # shown if the server fails
-    proc = start_server(model_dir, threads, port, log_path, server_env)
+    proc = start_server(model_dir, threads, port, log_path, server_env, args.precision, args.server_arg)
     points = []
     try:
         wait_ready(port, proc, log_path)
@@ -274,13 +280,14 @@ def main(argv: list[str] | None = None) -> int:
         code = proc.wait(timeout=120)
     meta = {"model": (f"{source}" if args.model else "the project's random checkpoint in the exact Hub layout"
                       + (" (smoke dimensions)" if args.smoke else " (full size)")),
-            "threads": threads, "cores": os.cpu_count(), "loadavg": info["loadavg_at_start"],
+            "threads": threads, "precision": args.precision, "server_args": args.server_arg, "cores": os.cpu_count(),
+            "loadavg": info["loadavg_at_start"],
             "loadavg_end": common.loadavg()}
     md = markdown(points, off, meta)
     info["loadavg_at_end"] = meta["loadavg_end"]
     common.write_json(args.out / "serve.json", {
         "benchmark": "serve", "smoke": args.smoke, "machine": info, "model": meta["model"],
-        "threads": threads, "server_env": server_env, "server_exit_code": code, "offline": off, "points": points,
+        "threads": threads, "precision": args.precision, "server_env": server_env, "server_args": args.server_arg, "server_exit_code": code, "offline": off, "points": points,
         "wall_s": time.perf_counter() - started})
     common.write_text(args.out / "serve.md", md)
     print(md)

@@ -112,11 +112,12 @@ def test_a_lone_request_never_waits_for_others():
     assert done[0].batch_inputs == 1 and m.batches == [1]
 
 
-def run_with_arrivals(steps) -> tuple[list, CountingModel]:
+def run_with_arrivals(steps, return_wait_s: float = 0.0, return_share: float = 0.25) -> tuple[list, CountingModel]:
     """Start a worker (max_wait of an hour, so only the arriving count can end its wait), then run
     `steps(worker)` on the event loop."""
     m = CountingModel()
-    w = Worker(lambda: m, 4096, Metrics(), max_wait_s=3600.0)
+    w = Worker(lambda: m, 4096, Metrics(), max_wait_s=3600.0, return_wait_s=return_wait_s)
+    w.return_share = return_share
 
     async def main():
         w.start()
@@ -148,3 +149,49 @@ def test_a_request_that_leaves_without_a_job_ends_the_wait():
         return [await a]
     done, m = run_with_arrivals(steps)
     assert m.batches == [1] and done[0].batch_inputs == 1
+
+
+async def batch_of_two(w, peers=("a", "b")):
+    """One batch of two jobs, from these peers (the first waits for the second, being read)."""
+    w.arriving(+1)
+    a = asyncio.ensure_future(w.embed([ids_of(3, 1)], "mean", peer=peers[0]))
+    await asyncio.sleep(0)
+    b = asyncio.ensure_future(w.embed([ids_of(3, 2)], "mean", arrived=True, peer=peers[1]))
+    return await asyncio.gather(a, b)
+
+
+async def taken(w):
+    """Until the model thread has taken every queued job."""
+    while w.depth():
+        await asyncio.sleep(0.001)
+
+
+def test_the_next_batch_waits_for_the_clients_the_last_one_answered():
+    """Closed-loop clients: c, queued while a and b were being answered, waits for their next requests."""
+    async def steps(w):
+        first = await batch_of_two(w)
+        c = asyncio.ensure_future(w.embed([ids_of(4, 3)], "mean", peer="c"))
+        await asyncio.sleep(0)
+        await taken(w)                   # the model thread holds c, and waits for a and b
+        again = [asyncio.ensure_future(w.embed([ids_of(5, v)], "mean", peer=p)) for v, p in ((4, "a"), (5, "b"))]
+        return first + await asyncio.gather(c, *again)
+    done, m = run_with_arrivals(steps, return_wait_s=3600.0, return_share=float("inf"))
+    assert m.batches == [2, 3] and [d.batch_inputs for d in done] == [2, 2, 3, 3, 3]
+    assert [float(d.value[0][0]) for d in done] == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.parametrize("case", ["one client", "unknown peers", "no return wait", "short last batch"])
+def test_a_request_does_not_wait_for_clients_that_are_not_coming(case):
+    """Each case would hang (and time out) if the batch waited: an hour's return wait, but nobody
+    to wait for (the one client is back; peers unknown), or no wait allowed (0 ms; a quarter of
+    the last batch's compute, microseconds here)."""
+    peers, wait, share = {"one client": (("a", "a"), 3600.0, float("inf")),
+                          "unknown peers": ((None, None), 3600.0, float("inf")),
+                          "no return wait": (("a", "b"), 0.0, float("inf")),
+                          "short last batch": (("a", "b"), 3600.0, 0.25)}[case]
+
+    async def steps(w):
+        first = await batch_of_two(w, peers)
+        return first + [await w.embed([ids_of(4, 3)], "mean", peer=peers[0])]
+    done, m = run_with_arrivals(steps, return_wait_s=wait, return_share=share)
+    assert m.batches == [2, 1] and done[-1].batch_inputs == 1

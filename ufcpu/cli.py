@@ -41,6 +41,16 @@ def positive_int(s: str) -> int:
     return v
 
 
+def milliseconds(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected milliseconds (a number >= 0), got {s!r}") from None
+    if not 0 <= v <= 3_600_000:   # (NaN fails both)
+        raise argparse.ArgumentTypeError(f"expected milliseconds between 0 and 3600000, got {s}")
+    return v
+
+
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", default=None,
                    help="Hub id, Hub-layout folder or converted folder (default: pbelcak/UltraFastBERT-1x11-long)")
@@ -110,7 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-concurrent-requests", type=positive_int, default=512, help="requests in flight before 429 (default 512)")
     s.add_argument("--max-client-batch-size", type=positive_int, default=32, help="inputs per request before 413 (default 32)")
     s.add_argument("--payload-limit", type=positive_int, default=2_000_000, help="body bytes before 413 (default 2000000)")
-    s.add_argument("--max-wait-ms", type=float, default=2.0, help="wait after a lone request for others to batch with (default 2)")
+    s.add_argument("--max-wait-ms", type=milliseconds, default=2.0, help="wait after a lone request for others to batch with (default 2)")
+    s.add_argument("--return-wait-ms", type=milliseconds, default=50.0,
+                   help="wait after a batch for the clients it answered to send their next request (default 50; 0: never)")
     s.add_argument("--api-key", default=os.environ.get("UFCPU_API_KEY"), help="require 'Authorization: Bearer KEY' (default $UFCPU_API_KEY)")
     s.add_argument("--auto-truncate", action="store_true", help="cut inputs past 128 tokens instead of answering 422")
     s.add_argument("--pooling", choices=("mean", "first"), default="mean")

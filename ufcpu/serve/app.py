@@ -60,6 +60,7 @@ class Settings:
     max_client_batch_size: int = 32
     payload_limit: int = 2_000_000
     max_wait_ms: float = 2.0
+    return_wait_ms: float = 50.0
     api_key: str | None = None
     auto_truncate: bool = False
     pooling: str = "mean"
@@ -74,7 +75,8 @@ class State:
     def __init__(self, settings: Settings, load: Callable[[], Any]):
         self.settings = settings
         self.metrics = Metrics()
-        self.worker = Worker(load, settings.max_batch_tokens, self.metrics, settings.max_wait_ms / 1000)
+        self.worker = Worker(load, settings.max_batch_tokens, self.metrics, settings.max_wait_ms / 1000,
+                             settings.return_wait_ms / 1000)
         self.in_flight = 0
         self.stopping = False
         self.exit_code = 0
@@ -221,6 +223,12 @@ def arrived(request: Request) -> bool:
     return was
 
 
+def peer(request: Request):
+    """The client's connection, (host, port): its next request on it is likely soon (batcher.py)."""
+    client = request.scope.get("client")
+    return tuple(client) if client else None
+
+
 def mark(request: Request, phase: str) -> None:
     """End one phase of the request's Server-Timing: the time since the previous mark."""
     note, now = request.scope["ufcpu"], time.perf_counter()
@@ -293,7 +301,7 @@ async def _embed(request: Request, st: State, pooling: str) -> tuple[Any, dict]:
         return finish(done.value, req.dimensions, req.normalize), timed(request, done, len(req.texts), 0)
     ids = await off_loop(sum(map(len, req.texts)), token_ids, model, req.texts, req.truncate, req.left)
     mark(request, "tokenize")
-    done = await st.worker.embed(ids, pooling, arrived(request))
+    done = await st.worker.embed(ids, pooling, arrived(request), peer(request))
     headers = timed(request, done, len(ids), sum(len(x) for x in ids))
     if pooling == "none":
         return [finish(v, req.dimensions, req.normalize) for v in done.value], headers
@@ -316,7 +324,7 @@ async def openai_embeddings(request: Request, st: State) -> Response:
     ids = ([np.asarray(s, np.int64) for s in req.ids] if req.ids is not None else
            await off_loop(sum(map(len, req.texts)), token_ids, model, req.texts, st.settings.auto_truncate, False))
     mark(request, "tokenize")
-    done = await st.worker.embed(ids, st.settings.pooling, arrived(request))
+    done = await st.worker.embed(ids, st.settings.pooling, arrived(request), peer(request))
     vecs = finish(np.stack(done.value), req.dimensions, True)
     tokens = sum(len(x) for x in ids)
     headers = timed(request, done, len(ids), tokens)

@@ -3,9 +3,13 @@
 The event loop never runs model code: requests put jobs on a queue and await a future; one
 thread loads the model, warms it up, and then takes jobs. Continuous batching: while a batch
 runs, jobs pile up in the queue, and the next batch takes every one of them that fits
-`max_batch_tokens` real tokens. The only wait is for requests already read and not yet queued
-(the event loop is parsing them), and never past `max_wait_s` after the first job was queued:
-a lone request starts at once. The batch is sorted by length and run in token-budget slices, so
+`max_batch_tokens` real tokens. A batch waits for two kinds of requests only: those already read
+and not yet queued (the event loop is parsing them), never past `max_wait_s` after the first job
+was queued; and the next requests of the clients the last batch answered, on the connections it
+answered them on, never past `return_wait_s` (nor a quarter of that batch's compute) after it
+ended. Closed-loop clients would otherwise split into two cohorts that take turns: the first
+client back starts a batch of its own, and the others queue behind it. A lone request, or one
+from a client that was not just answered, starts at once. The batch is sorted by length and run in token-budget slices, so
 many concurrent one-sentence requests run as one forward pass. A text's vector does not depend
 on what else is in its batch (the engine runs each batch packed and per length group).
 Other work (predict, fill-mask, long documents) runs on the same thread, one job at a time.
@@ -39,6 +43,7 @@ class Job:
     ids: list[np.ndarray] | None = None        # embedding job: one id array per input
     pooling: str = "mean"                       # "mean", "first" or "none" (per-token vectors)
     call: Callable[[Any], Any] | None = None    # other job: call(model) -> result
+    peer: Any = None                            # the connection it came on (host, port), if known
     enqueued: float = dataclasses.field(default_factory=time.perf_counter)
 
     @property
@@ -55,11 +60,17 @@ class Done:
     end: float = 0.0    # perf_counter() when the model thread finished the job's batch
 
 
+RETURN_SHARE = 0.25   # of the last batch's compute time: the most its clients' return may idle the model
+
+
 class Worker:
-    def __init__(self, load: Callable[[], Any], max_batch_tokens: int, metrics, max_wait_s: float = 0.002):
+    def __init__(self, load: Callable[[], Any], max_batch_tokens: int, metrics, max_wait_s: float = 0.002,
+                 return_wait_s: float = 0.05):
         self._load = load
         self.max_batch_tokens = max_batch_tokens
         self.max_wait_s = max_wait_s
+        self.return_wait_s = return_wait_s
+        self.return_share = RETURN_SHARE
         self.metrics = metrics
         self.model = None
         self.ready = threading.Event()
@@ -67,6 +78,8 @@ class Worker:
         self.on_failure: Callable[[str], None] = lambda msg: None
         self._q: deque = deque()                    # jobs, oldest first; _STOP last
         self._arriving = 0                          # requests read by the event loop, their job not queued yet
+        self._answered: frozenset = frozenset()     # peers the last batch answered
+        self._back_by = 0.0                         # until when the next batch may wait for them
         self._cv = threading.Condition(threading.Lock())   # guards both; the model thread sleeps on it
         self._thread = threading.Thread(target=self._run, name="ufcpu-model", daemon=True)
 
@@ -88,9 +101,10 @@ class Worker:
             self._arriving += delta
             self._cv.notify()
 
-    async def embed(self, ids: list[np.ndarray], pooling: str, arrived: bool = False) -> Done:
-        """arrived: this request was counted by `arriving(+1)`, and its job settles that."""
-        return await self._submit(arrived, ids=ids, pooling=pooling)
+    async def embed(self, ids: list[np.ndarray], pooling: str, arrived: bool = False, peer: Any = None) -> Done:
+        """arrived: this request was counted by `arriving(+1)`, and its job settles that. peer: the
+        client's connection (hashable), which lets the next batch wait for that client's next request."""
+        return await self._submit(arrived, ids=ids, pooling=pooling, peer=peer)
 
     async def call(self, fn: Callable[[Any], Any], arrived: bool = False) -> Done:
         return await self._submit(arrived, call=fn)
@@ -139,15 +153,18 @@ class Worker:
 
     def _gather(self, first: Job) -> list[Job]:
         """first, then every queued embedding job that fits the token budget, in queue order; while
-        the queue is empty and requests are arriving, their jobs too, until max_wait_s after first
-        was queued. A job that does not fit, or of another kind, heads the next turn."""
+        the queue is empty, the jobs of requests being read (until max_wait_s after first was
+        queued) and of the peers the last batch answered (until _back_by). A job that does not fit,
+        or of another kind, heads the next turn."""
         jobs, tokens = [first], first.tokens
-        deadline = first.enqueued + self.max_wait_s
+        soon = first.enqueued + self.max_wait_s
         with self._cv:
+            missing = set(self._answered) - {first.peer}
             while tokens < self.max_batch_tokens:
                 if not self._q:
-                    remaining = deadline - time.perf_counter()
-                    if self._arriving <= 0 or remaining <= 0:   # nobody else is coming in time
+                    until = max(soon if self._arriving > 0 else 0.0, self._back_by if missing else 0.0)
+                    remaining = until - time.perf_counter()
+                    if remaining <= 0:   # nobody else is coming in time
                         break
                     self._cv.wait(remaining)
                     continue
@@ -156,7 +173,14 @@ class Worker:
                     break
                 jobs.append(self._q.popleft())
                 tokens += nxt.tokens
+                missing.discard(nxt.peer)
         return jobs
+
+    def _answer(self, jobs: list[Job], compute_s: float, end: float) -> None:
+        """Before the answers go out: the next batch may wait for these clients to come back."""
+        with self._cv:
+            self._answered = frozenset(j.peer for j in jobs if j.peer is not None)
+            self._back_by = end + min(self.return_wait_s, self.return_share * compute_s)
 
     def _run_batch(self, jobs: list[Job]) -> None:
         start = time.perf_counter()
@@ -184,6 +208,7 @@ class Worker:
             return
         self.metrics.inc("ufcpu_tokens_total", int(lengths.sum()))
         end = time.perf_counter()
+        self._answer(jobs, end - start, end)
         for job, r in zip(jobs, rows):
             _resolve(job, Done(r, start - job.enqueued, end - start, len(items), end))
 
