@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import time
 
 import ufcpu  # noqa: F401  (before NumPy, as for any user)
@@ -30,6 +31,17 @@ def other_package(revision: str):
     """ufcpu/ of `revision`, unpacked as the package `ufcpu_ab` -> (its model, its threads)."""
     other_kernels(revision)
     return importlib.import_module("ufcpu_ab.model"), importlib.import_module("ufcpu_ab.threads")
+
+
+def uniform(self_attention):
+    """-> fn(qkv [n, S, 3H], bias [n, S], layer, cfg) for either signature of model.self_attention:
+    with the sequences' spans (one launch for any lengths) or without (n sequences of one length)."""
+    if "seqs" not in inspect.signature(self_attention).parameters:
+        return self_attention
+    spans = this_model.spans
+    return lambda qkv, bias, layer, cfg: self_attention(qkv.reshape(-1, qkv.shape[-1]),
+                                                         spans(np.full(qkv.shape[0], qkv.shape[1]), qkv.shape[1]),
+                                                         bias, layer, cfg)
 
 
 def measure(fns: dict, n: int, s: int, rng) -> tuple[dict, dict, int]:
@@ -65,7 +77,7 @@ def main() -> None:
     ap.add_argument("--cases", default="1x16,1x128,8x128,32x128,1x512")
     args = ap.parse_args()
     other_model, other_threads = other_package(args.revision)
-    fns = {"this": this_model.self_attention, args.revision: other_model.self_attention}
+    fns = {"this": uniform(this_model.self_attention), args.revision: uniform(other_model.self_attention)}
     rng = np.random.default_rng(0)
     for t in map(int, args.threads.split(",")):
         for n, s in (tuple(map(int, c.split("x"))) for c in args.cases.split(",")):

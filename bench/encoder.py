@@ -291,7 +291,7 @@ def latency(fn, sizes: Sizes) -> dict:
 # launched through threads.run -> label. Both are looked up at call time (model.py calls its own
 # globals and `threads.run`), so replacing them inside this worker process times them without
 # touching the code.
-TIMED_FUNCTIONS = {"attention": "attention", "attention_packed": "attention", "linear": "projections",
+TIMED_FUNCTIONS = {"attention": "attention", "linear": "projections",
                    "layer_norm": "layer_norm"}
 TIMED_KERNELS = {"attention_heads": "attention_heads", "fff_walk": "fff_walk"}
 

@@ -68,7 +68,8 @@ def shared_cases(tokens: int, rng: np.random.Generator, tree) -> dict:
     return {
         "layer_norm": (kernels.layer_norm, (x, np.ones(H, f32), np.zeros(H, f32), f32(1e-12), np.empty_like(x))),
         "attention_heads": (kernels.attention_heads, (rng.standard_normal((seqs * s, 3 * H), dtype=f32),
-                                                      np.zeros((seqs, s), f32), f32(0.125), HEADS,
+                                                      fwd.spans(np.full(seqs, s), s), np.zeros((seqs, s), f32),
+                                                      f32(0.125), HEADS,
                                                       np.empty((seqs * s, H), f32))),
         "gelu_": (kernels.gelu_, (rng.standard_normal((tokens, 4 * H), dtype=f32),)),
         "fff_walk": (kernels.fff_walk, (x, w_in, b_in, w_out, DEPTH, np.empty_like(x),

@@ -288,8 +288,9 @@ def shared_cases(rng):
         kernels.gelu_: (rng.standard_normal((50, 300), dtype=f32),),
         kernels.layer_norm: (x, rng.standard_normal(64, dtype=f32), rng.standard_normal(64, dtype=f32), f32(1e-12),
                              np.full_like(x, np.nan)),
-        kernels.attention_heads: (rng.standard_normal((3 * 70, 3 * 768), dtype=f32), fwd.key_bias(rng.random((3, 70)) > 0.3),
-                                  f32(0.125), 12, np.full((3 * 70, 768), np.nan, f32)),
+        kernels.attention_heads: (rng.standard_normal((3 * 70, 3 * 768), dtype=f32), fwd.spans([70, 41, 99]),
+                                  fwd.key_bias(rng.random((3, 99)) > 0.3), f32(0.125), 12,
+                                  np.full((3 * 70, 768), np.nan, f32)),
         kernels.matmul_nt: (x[:11], rng.standard_normal((2304, 64), dtype=f32), np.full((11, 2304), np.nan, f32)),
         kernels.fff_walk: (x, w_in, b_in, w_out, 7, np.full_like(x, np.nan), np.full((600, 8), -1, np.int32),
                            np.full((600, 8), np.nan, f32)),
@@ -750,9 +751,12 @@ def attention_case(rng, n, s, heads, d, padded):
     return qkv, fwd.key_bias(mask), mask
 
 
-def run_attention(qkv, bias, heads, scale=f32(0.125)):
+def run_attention(qkv, bias, heads, scale=f32(0.125), seqs=None):
+    """attention_heads of the n sequences of bias [n, S]: each S rows of qkv, unless `seqs` says."""
+    if seqs is None:
+        seqs = fwd.spans(np.full(bias.shape[0], bias.shape[1]), bias.shape[1])
     out = np.full((qkv.shape[0], qkv.shape[1] // 3), np.nan, f32)
-    threads.run(kernels.attention_heads, qkv, bias, scale, heads, out)
+    threads.run(kernels.attention_heads, qkv, seqs, bias, scale, heads, out)
     return out
 
 
@@ -809,12 +813,39 @@ def test_attention_heads_uses_the_scale():
     assert np.abs(run_attention(qkv, bias, 2, f32(0.3)) - run_attention(qkv, bias, 2, f32(0.125))).max() > 0.01
 
 
-def test_self_attention_runs_every_sequence_of_a_group():
-    """model.self_attention: [n, S, 3H] of n sequences -> their context rows in order."""
+@pytest.mark.parametrize("threads_n", [1, 2])
+def test_sequences_of_every_length_run_in_one_launch(threads_n):
+    """Sequences of different lengths (and a padded one) in one launch: each gets the bits it gets
+    alone and the naive result, in any order, rows between them untouched."""
+    rng = np.random.default_rng(4)
+    lengths, gap = [9, 1, 40, 33, 9, 128], 3
+    firsts = np.cumsum([0] + [n + gap for n in lengths[:-1]])
+    qkv = rng.standard_normal((firsts[-1] + lengths[-1], 3 * 768), dtype=f32)
+    mask = np.zeros((len(lengths), max(lengths)), np.int64)
+    for i, n in enumerate(lengths):
+        mask[i, :n] = 1
+    mask[2, 5] = 0                                                   # a padded key inside sequence 2
+    bias = fwd.key_bias(mask)
+    seqs = np.stack([firsts, lengths], axis=1).astype(np.int64)[::-1].copy()   # any order
+    with threads.calls(threads_n):
+        got = run_attention(qkv, bias[::-1].copy(), 12, seqs=seqs)
+    for (first, n), b in zip(seqs, bias[::-1]):
+        rows = slice(first, first + n)
+        alone = run_attention(qkv[rows].copy(), b[None, :n].copy(), 12)
+        np.testing.assert_array_equal(got[rows], alone)
+        np.testing.assert_allclose(alone, attention_ref(qkv[rows], b[None, :n], 0.125, 12), rtol=0, atol=2e-6)
+    between = np.ones(len(qkv), bool)
+    for first, n in seqs:
+        between[first:first + n] = False
+    assert np.isnan(got[between]).all()
+
+
+def test_self_attention_runs_every_sequence():
+    """model.self_attention: [T, 3H] and the spans of its sequences -> their context rows in order."""
     from ufcpu.config import Config
     rng = np.random.default_rng(4)
     qkv, bias, _ = attention_case(rng, 4, 9, 12, 64, padded=True)
     layer = type("L", (), {"norm_factor": f32(0.125)})()
     cfg = Config(layers=1, hidden=768, heads=12, vocab=10, depth=1)
-    got = fwd.self_attention(qkv.reshape(4, 9, -1), bias, layer, cfg)
+    got = fwd.self_attention(qkv, fwd.spans(np.full(4, 9), 9), bias, layer, cfg)
     np.testing.assert_allclose(got, attention_ref(qkv, bias, 0.125, 12), rtol=0, atol=2e-6)

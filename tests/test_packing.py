@@ -34,12 +34,12 @@ def test_other_masks_run_padded(mask):
 
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.integers(1, 6), min_size=1, max_size=20))
-def test_length_groups_cover_the_tokens_in_order(lengths):
-    groups = fwd.length_groups(np.array(lengths))
-    assert [s for _, n, s in groups for _ in range(n)] == lengths
-    starts = [start for start, _, _ in groups]
-    assert starts == [sum(n * s for _, n, s in groups[:i]) for i in range(len(groups))]
-    assert all(a[2] != b[2] for a, b in zip(groups, groups[1:]))
+def test_spans_cover_the_tokens_in_order(lengths):
+    seqs = fwd.spans(np.array(lengths))
+    assert seqs.dtype == np.int64 and seqs[:, 1].tolist() == lengths
+    assert seqs[:, 0].tolist() == [sum(lengths[:i]) for i in range(len(lengths))]
+    padded = fwd.spans(np.full(len(lengths), 7), stride=7)
+    assert padded[:, 0].tolist() == [7 * i for i in range(len(lengths))] and (padded[:, 1] == 7).all()
 
 
 def padded(monkeypatch, fn, *args):

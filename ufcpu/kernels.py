@@ -460,14 +460,14 @@ def _softmax_tile(typingctx, st, st_row, s_len, bias, scale):
 
 @njit(inline="always", **_JIT)
 def _attention_block(blk, args):  # block blk = (sequence, head, query tile)
-    qkv, key_bias, scale, out, heads, s_len, qt, st, kp, vp, cx = args
+    qkv, seqs, key_bias, scale, out, heads, first, qt, st, kp, vp, cx = args
+    seq = np.searchsorted(first, blk, side="right") - 1             # first [n + 1]: each sequence's first block
+    base, s_len = seqs[seq, 0], seqs[seq, 1]                        # this sequence's first row, its length
     tiles = (s_len + ATTN_QUERY_TILE - 1) // ATTN_QUERY_TILE
-    tile = blk % tiles
-    head = (blk // tiles) % heads
-    seq = blk // (tiles * heads)
+    tile = (blk - first[seq]) % tiles
+    head = (blk - first[seq]) // tiles
     hid = out.shape[1]
     d = hid // heads
-    base = seq * s_len                                              # this sequence's first row
     qc, kc, vc = head * d, hid + head * d, 2 * hid + head * d       # this head's Q | K | V columns
     q0 = tile * ATTN_QUERY_TILE
     rows = min(ATTN_QUERY_TILE, s_len - q0)
@@ -514,23 +514,31 @@ _attention_loop = claim_loop(_attention_block)
 
 
 @njit(**_JIT)
-def attention_heads(qkv, key_bias, scale, heads, out, state):
-    """qkv [n*S, 3H] (Q | K | V, feature = head*d + i in each; C-contiguous), key_bias [n, S]
-    additive, scale float32 -> out [n*S, H] = softmax(Q K^T * scale + bias) V of each (sequence,
-    head), feature = head*d + i; shared over (sequence, head, query tile) blocks."""
+def attention_heads(qkv, seqs, key_bias, scale, heads, out, state):
+    """qkv [T, 3H] (Q | K | V, feature = head*d + i in each; C-contiguous), seqs [n, 2] int64
+    (first row in qkv, length) of each sequence, key_bias [n, S] additive (S >= every length; a
+    sequence reads the first `length` of its row), scale float32 -> out [T, H] = softmax(Q K^T *
+    scale + bias) V of each (sequence, head), feature = head*d + i; rows outside every sequence
+    are not written. Shared over (sequence, head, query tile) blocks: sequences of every length
+    in one launch."""
     fetch_add(state, SHARED_INSIDE, 1)
-    n, s_len = key_bias.shape
+    n = seqs.shape[0]
+    first = np.empty(n + 1, np.int64)                              # each sequence's first block
+    first[0] = 0
+    s_max = 1
+    for i in range(n):
+        first[i + 1] = first[i] + heads * ((seqs[i, 1] + ATTN_QUERY_TILE - 1) // ATTN_QUERY_TILE)
+        s_max = max(s_max, seqs[i, 1])
     d = out.shape[1] // heads
-    tiles = (s_len + ATTN_QUERY_TILE - 1) // ATTN_QUERY_TILE
-    s_pad = (s_len + ATTN_KEY_ROWS - 1) // ATTN_KEY_ROWS * ATTN_KEY_ROWS
+    s_pad = (s_max + ATTN_KEY_ROWS - 1) // ATTN_KEY_ROWS * ATTN_KEY_ROWS
     d_pad = (d + F32_LANES - 1) // F32_LANES * F32_LANES
-    args = (qkv, key_bias, scale, out, heads, s_len,               # and this thread's scratch:
+    args = (qkv, seqs, key_bias, scale, out, heads, first,        # and this thread's scratch:
             np.zeros((d, ATTN_QUERY_TILE), np.float32),            # Q^T (zeros: never a denormal in a spare column)
             np.empty((s_pad, ATTN_QUERY_TILE), np.float32),        # scores^T, then P^T
             np.empty((ATTN_KEY_ROWS, d), np.float32),              # the last keys, padded
-            np.empty((s_len, d_pad), np.float32),                  # V, padded
+            np.empty((s_max, d_pad), np.float32),                  # V, padded
             np.empty((ATTN_CTX_ROWS, 4 * F32_LANES), np.float32))  # a context tile
-    _attention_loop(state, SHARED_NEXT, n * heads * tiles, args)
+    _attention_loop(state, SHARED_NEXT, first[n], args)
     fetch_add(state, SHARED_INSIDE, -1)
 
 
@@ -1551,7 +1559,8 @@ def _example_calls() -> dict:
     calls = {
         gelu_: [(np.ones((2, 4), f32),)],
         layer_norm: [(x, k(np.ones(4, f32)), k(np.zeros(4, f32)), f32(1e-12), np.empty_like(x)) for k in kinds],
-        attention_heads: [(np.ones((2, 6), f32), np.zeros((1, 2), f32), f32(1.0), 1, np.empty((2, 2), f32))],
+        attention_heads: [(np.ones((2, 6), f32), np.array([[0, 2]], np.int64), np.zeros((1, 2), f32), f32(1.0), 1,
+                           np.empty((2, 2), f32))],
         matmul_nt: [(x, k(np.ones((3, 4), f32)), np.empty((2, 3), f32)) for k in kinds],
         fff_walk: [(x, k(np.ones((3, 4), f32)), k(np.zeros(3, f32)), k(np.ones((3, 4), f32)), 1,
                     np.empty_like(x), np.empty((2, 2), np.int32), np.empty((2, 2), f32)) for k in kinds],

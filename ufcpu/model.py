@@ -69,22 +69,32 @@ def linear(x: np.ndarray, w) -> np.ndarray:  # [M, K], [N, K] (as torch's Linear
     return out
 
 
-def self_attention(qkv: np.ndarray, bias: np.ndarray, layer: Layer, cfg: Config) -> np.ndarray:
-    """[n, S, 3H] Q | K | V of n sequences, [n, S] additive key bias -> context [n*S, H]
-    (feature = head*d + i): scores, softmax and context in one kernel, per (sequence, head)."""
-    n, s, _ = qkv.shape
-    ctx = np.empty((n * s, cfg.hidden), f32)
+def spans(lengths: np.ndarray, stride: int | None = None) -> np.ndarray:  # [n] -> [n, 2] int64
+    """Each sequence's (first row, length) in the [T, ...] rows of a batch: one after another, or
+    every `stride` rows (a padded batch)."""
+    lengths = np.asarray(lengths, np.int64)
+    first = (np.arange(len(lengths), dtype=np.int64) * stride if stride is not None
+             else np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64))
+    return np.stack([first, lengths], axis=1)
+
+
+def self_attention(qkv: np.ndarray, seqs: np.ndarray, bias: np.ndarray, layer: Layer, cfg: Config) -> np.ndarray:
+    """[T, 3H] Q | K | V, seqs [n, 2] (first row, length) of n sequences, [n, S] additive key bias
+    -> context [T, H] (feature = head*d + i): scores, softmax and context in one kernel launch for
+    every sequence, of any lengths."""
+    ctx = np.empty((qkv.shape[0], cfg.hidden), f32)
     if ctx.size:
-        threads.run(kernels.attention_heads, np.ascontiguousarray(qkv.reshape(n * s, -1)),
-                    np.ascontiguousarray(bias, f32), layer.norm_factor, cfg.heads, ctx)
+        threads.run(kernels.attention_heads, np.ascontiguousarray(qkv), seqs, np.ascontiguousarray(bias, f32),
+                    layer.norm_factor, cfg.heads, ctx)
     return ctx
 
 
-def attention(h: np.ndarray, bias: np.ndarray, layer: Layer, cfg: Config) -> np.ndarray:  # [B, S, H] -> [B, S, H]
-    b, s, hid = h.shape
-    qkv = linear(h.reshape(b * s, hid), layer.qkv)                 # [B*S, 3H]
-    ctx = self_attention(qkv.reshape(b, s, -1), bias, layer, cfg)  # [B*S, H]
-    return linear(ctx, layer.attn_out).reshape(b, s, hid)
+def attention(h: np.ndarray, seqs: np.ndarray, bias: np.ndarray, layer: Layer, cfg: Config) -> np.ndarray:
+    """[..., H] (the rows of `seqs`' sequences) -> [..., H]"""
+    x = h.reshape(-1, h.shape[-1])
+    qkv = linear(x, layer.qkv)                                      # [T, 3H]
+    ctx = self_attention(qkv, seqs, bias, layer, cfg)               # [T, H]
+    return linear(ctx, layer.attn_out).reshape(h.shape)
 
 
 # --- fast feedforward -----------------------------------------------------------------------------
@@ -130,14 +140,14 @@ FFN = {"fff": feedforward, "dense-masked": feedforward_dense_masked}
 
 def block(x: np.ndarray, attend, layer: Layer, cfg: Config, ffn=feedforward) -> np.ndarray:
     """One pre-LN layer: x [..., H] -> [..., H]; attend(h, layer, cfg) is the attention of the
-    LayerNorm's output h, padded ([B, S, H], `attention`) or packed ([T, H], `attention_packed`)."""
+    LayerNorm's output h, padded ([B, S, H]) or packed ([T, H])."""
     x = x + attend(layer_norm(x, layer.ln1_w, layer.ln1_b, cfg.norm_eps), layer, cfg)
     return x + ffn(layer_norm(x, layer.ln2_w, layer.ln2_b, cfg.norm_eps), layer, cfg)
 
 
 # Packed batches. Every layer but attention works token by token, so a batch of right-padded
-# sequences runs on its real tokens only, concatenated [T, H], and attention runs on each group of
-# consecutive sequences of one length. A padded key's score gets -10000 in the reference, whose
+# sequences runs on its real tokens only, concatenated [T, H], and attention runs on each sequence's
+# own rows (one launch for the batch, whatever its lengths). A padded key's score gets -10000 in the reference, whose
 # exp is exactly 0 in float32: leaving padded keys out changes no result. Padding costs nothing
 # then: 48 texts of 8-81 tokens batched by 32 were 37% padding.
 
@@ -150,33 +160,11 @@ def packed_lengths(mask: np.ndarray) -> np.ndarray | None:
     return m.sum(axis=1)
 
 
-def length_groups(lengths: np.ndarray) -> list[tuple[int, int, int]]:
-    """-> (first token, sequences, length) of each run of consecutive equal lengths."""
-    groups, start, i = [], 0, 0
-    while i < len(lengths):
-        j = i
-        while j < len(lengths) and lengths[j] == lengths[i]:
-            j += 1
-        groups.append((start, j - i, int(lengths[i])))
-        start += (j - i) * int(lengths[i])
-        i = j
-    return groups
-
-
 def unpack(real: np.ndarray, tokens: np.ndarray) -> np.ndarray:  # [B, S] bool, [T, ...] -> [B, S, ...]
     """Per-token values of a packed batch back at their positions, zeros at padded ones."""
     full = np.zeros(real.shape + tokens.shape[1:], tokens.dtype)
     full[real] = tokens
     return full
-
-
-def attention_packed(h: np.ndarray, groups, layer: Layer, cfg: Config) -> np.ndarray:  # [T, H] -> [T, H]
-    qkv = linear(h, layer.qkv)                                            # [T, 3H]
-    ctx = np.empty_like(h)
-    for start, n, s in groups:                                            # n sequences of s tokens
-        end = start + n * s
-        ctx[start:end] = self_attention(qkv[start:end].reshape(n, s, -1), np.zeros((n, s), f32), layer, cfg)
-    return linear(ctx, layer.attn_out)
 
 
 def encoder(ids: np.ndarray, mask: np.ndarray, w: Weights, cfg: Config, ffn=feedforward) -> np.ndarray:
@@ -196,8 +184,9 @@ def _encode(ids, mask, w: Weights, cfg: Config, ffn, on_layer=None) -> tuple[np.
 
 
 def _layers_padded(x, mask, _, w: Weights, cfg: Config, ffn, on_layer) -> np.ndarray:  # [B, S, H] -> [B, S, H]
-    bias = key_bias(mask)
-    attend = lambda h, layer, cfg: attention(h, bias, layer, cfg)  # noqa: E731
+    b, s, _ = x.shape
+    seqs, bias = spans(np.full(b, s), stride=s), key_bias(mask)
+    attend = lambda h, layer, cfg: attention(h, seqs, bias, layer, cfg)  # noqa: E731
     for layer in w.layers:
         x = block(x, attend, layer, cfg, ffn)
         if on_layer:
@@ -207,8 +196,8 @@ def _layers_padded(x, mask, _, w: Weights, cfg: Config, ffn, on_layer) -> np.nda
 
 def _layers_packed(x, mask, lengths, w: Weights, cfg: Config, ffn, on_layer) -> np.ndarray:  # [B, S, H] -> [B, S, H]
     real = mask.astype(bool)
-    groups = length_groups(lengths)
-    attend = lambda h, layer, cfg: attention_packed(h, groups, layer, cfg)  # noqa: E731
+    seqs, bias = spans(lengths), np.zeros((len(lengths), int(lengths.max())), f32)   # no padded key
+    attend = lambda h, layer, cfg: attention(h, seqs, bias, layer, cfg)  # noqa: E731
     x = x[real]                                                            # [T, H]
     for layer in w.layers:
         x = block(x, attend, layer, cfg, ffn)
