@@ -3,7 +3,8 @@ each sending single sentences or batches of 32 to /embed, next to offline `Model
 same texts in one process.
 
     python bench/serve.py [--model PATH] [--threads 2] [--clients 1,4,16,64] [--modes single,batch32]
-                          [--requests 256] [--server-env KEY=VALUE ...] [--out DIR] [--smoke]
+                          [--requests 256] [--precision float32|int8] [--server-arg ARG ...]
+                          [--server-env KEY=VALUE ...] [--out DIR] [--smoke]
 
 The server runs as its own process (`ufcpu serve`, loopback); the clients are coroutines of this
 process, each on its own kept-alive connection (raw asyncio streams: a few tens of microseconds
@@ -13,7 +14,7 @@ server: the numbers include that cost. Per point it also reports the median of e
 server's Server-Timing header (where a request's time goes inside the server; the client's
 latency minus the server's total is HTTP, the kernel's loopback and the client) and the batch
 sizes the server formed (its /metrics histogram). Default model: the project's random full-size
-checkpoint (written once into the ufcpu cache).
+checkpoint (written once into the ufcpu cache). Results: `serve-<precision>.md` and `.json`.
 """
 from __future__ import annotations
 
@@ -187,6 +188,7 @@ async def load(port: int, clients: int, per_client: int, texts: list[str], size:
 
 
 def offline(model_dir: Path, threads: int, texts: list[str], repeats: int, precision: str) -> dict:
+    ufcpu.settings.tune_malloc()   # as in the server, which the ufcpu command starts
     m = ufcpu.load(model_dir, threads=threads, precision=precision)
     m.encode(texts[:32])
     samples = common.repeat(lambda: m.encode(texts, batch_size=32), repeats, repeats, 0.0)
@@ -268,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
         for mode, size in modes.items():
             for c in clients:
                 total = (8 if args.smoke else args.requests) // size or (1 if args.smoke else 4)
-                per_client = max(1 if args.smoke or size > 1 else 2, total // c)
+                # single sentences: at least 8 turns per client, so that the batches settle
+                per_client = max(1 if args.smoke or size > 1 else 8, total // c)
                 p = asyncio.run(load(port, c, per_client, texts, size))
                 p["mode"] = mode
                 points.append(p)
@@ -285,11 +288,12 @@ def main(argv: list[str] | None = None) -> int:
             "loadavg_end": common.loadavg()}
     md = markdown(points, off, meta)
     info["loadavg_at_end"] = meta["loadavg_end"]
-    common.write_json(args.out / "serve.json", {
+    name = f"serve-{args.precision}"   # one results file per precision
+    common.write_json(args.out / f"{name}.json", {
         "benchmark": "serve", "smoke": args.smoke, "machine": info, "model": meta["model"],
         "threads": threads, "precision": args.precision, "server_env": server_env, "server_args": args.server_arg, "server_exit_code": code, "offline": off, "points": points,
         "wall_s": time.perf_counter() - started})
-    common.write_text(args.out / "serve.md", md)
+    common.write_text(args.out / f"{name}.md", md)
     print(md)
     return 1 if code != 0 or any(p["errors"] for p in points) else 0
 

@@ -21,9 +21,9 @@ def test_serve_bench_smoke(tmp_path):
     proc = subprocess.run([sys.executable, str(BENCH / "serve.py"), "--smoke", "--out", str(tmp_path)],
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    res = json.loads((tmp_path / "serve.json").read_text())
+    res = json.loads((tmp_path / "serve-float32.json").read_text())
     assert res["server_exit_code"] == 0 and res["offline"]["texts_per_s"] > 0
     points = {(p["mode"], p["clients"]) for p in res["points"]}
     assert points == {(m, c) for m in ("single", "batch32") for c in (1, 4)}
     assert all(p["errors"] == 0 and p["texts_per_s"] > 0 and p["p99_ms"] >= p["p50_ms"] for p in res["points"])
-    assert (tmp_path / "serve.md").read_text().startswith("# ufcpu serve under load")
+    assert (tmp_path / "serve-float32.md").read_text().startswith("# ufcpu serve under load")
