@@ -187,13 +187,21 @@ async def load(port: int, clients: int, per_client: int, texts: list[str], size:
             "p99_ms": float(np.percentile(lat, 99)), "phases_p50_ms": med, **batch_histogram(before, after)}
 
 
-def offline(model_dir: Path, threads: int, texts: list[str], repeats: int, precision: str) -> dict:
+def offline_samples(model_dir: Path, threads: int, texts: list[str], repeats: int, precision: str) -> list[float]:
+    """Seconds of each `Model.encode(texts, batch_size=32)`, in this process."""
     ufcpu.settings.tune_malloc()   # as in the server, which the ufcpu command starts
     m = ufcpu.load(model_dir, threads=threads, precision=precision)
     m.encode(texts[:32])
-    samples = common.repeat(lambda: m.encode(texts, batch_size=32), repeats, repeats, 0.0)
-    s = common.stats(samples)
-    return {"texts": len(texts), "texts_per_s": len(texts) / s["median_s"], **s}
+    return common.repeat(lambda: m.encode(texts, batch_size=32), repeats, repeats, 0.0)
+
+
+def offline(texts: list[str], before: list[float], after: list[float]) -> dict:
+    """The offline rate from runs before and after the serving points: this host's speed drifts by
+    10-20% within minutes, and the serving points lie between the two."""
+    s = common.stats(before + after)
+    return {"texts": len(texts), "texts_per_s": len(texts) / s["median_s"], **s,
+            "before_texts_per_s": len(texts) / float(np.median(before)),
+            "after_texts_per_s": len(texts) / float(np.median(after))}
 
 
 PHASES = ("read", "tokenize", "queue", "compute", "wake", "encode", "total", "outside_server")
@@ -217,7 +225,8 @@ def markdown(points: list[dict], off: dict, meta: dict) -> str:
             + common.md_table(["mode", "clients", "requests", "texts/s", "p50 ms", "p99 ms", "x offline",
                                "x 1 client", "inputs/batch", "errors"], rows)
             + f"\n\nOffline `Model.encode(texts, batch_size=32)` of {off['texts']} of the same texts in one "
-              f"process: {fmt(off['texts_per_s'])} texts/s (median of {off['repeats']}).\n\n"
+              f"process: {fmt(off['texts_per_s'])} texts/s (median of {off['repeats']}, half before the serving "
+              f"points and half after: {fmt(off['before_texts_per_s'])} and {fmt(off['after_texts_per_s'])}).\n\n"
             + "Where a request's time goes (medians, ms; the server's Server-Timing phases: read = body "
               "and JSON parse, wake = batch end until the handler runs again, encode = the JSON answer; "
               "outside_server = the client's latency minus the server's total: HTTP, loopback, client):\n\n"
@@ -259,8 +268,9 @@ def main(argv: list[str] | None = None) -> int:
     texts = sentences(64 if args.smoke else 512, args.seed)
     info = common.machine_info()
 
-    off = offline(model_dir, threads, texts, 1 if args.smoke else 3, args.precision)
-    log(f"offline encode: {off['texts_per_s']:.0f} texts/s")
+    repeats = 1 if args.smoke else 3
+    before = offline_samples(model_dir, threads, texts, repeats, args.precision)
+    log(f"offline encode: {len(texts) / np.median(before):.0f} texts/s")
     port = free_port()
     log_path = Path(tempfile.mkdtemp(prefix="ufcpu-bench-serve-")) / "server.log"   # shown if the server fails
     proc = start_server(model_dir, threads, port, log_path, server_env, args.precision, args.server_arg)
@@ -281,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(timeout=120)
+    off = offline(texts, before, offline_samples(model_dir, threads, texts, repeats, args.precision))
+    log(f"offline encode after the server: {off['after_texts_per_s']:.0f} texts/s")
     meta = {"model": (f"{source}" if args.model else "the project's random checkpoint in the exact Hub layout"
                       + (" (smoke dimensions)" if args.smoke else " (full size)")),
             "threads": threads, "precision": args.precision, "server_args": args.server_arg, "cores": os.cpu_count(),
@@ -291,7 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     name = f"serve-{args.precision}"   # one results file per precision
     common.write_json(args.out / f"{name}.json", {
         "benchmark": "serve", "smoke": args.smoke, "machine": info, "model": meta["model"],
-        "threads": threads, "precision": args.precision, "server_env": server_env, "server_args": args.server_arg, "server_exit_code": code, "offline": off, "points": points,
+        "threads": threads, "precision": args.precision, "server_env": server_env, "server_args": args.server_arg,
+        "server_exit_code": code, "offline": off, "points": points,
         "wall_s": time.perf_counter() - started})
     common.write_text(args.out / f"{name}.md", md)
     print(md)
