@@ -337,14 +337,15 @@ def test_a_used_state_has_nothing_left_to_claim():
 
 def test_wait_offer_returns_when_an_offer_is_posted_and_its_caller_is_inside():
     posted, ahead, awake = np.array([5], np.int64), np.zeros(kernels.SHARED_SLOTS, np.int64), np.array([3], np.int64)
-    assert kernels.wait_offer(posted, 5, ahead, 100, awake) is False        # nothing posted
+    box = np.zeros(kernels.BOX_SLOTS, np.int64)
+    assert kernels.wait_offer(posted, 5, ahead, 100, awake, box) is False        # nothing posted
     posted[0] = 6
-    assert kernels.wait_offer(posted, 5, ahead, 100, awake) is True         # posted; caller not in (yet)
+    assert kernels.wait_offer(posted, 5, ahead, 100, awake, box) is True         # posted; caller not in (yet)
     ahead[kernels.SHARED_INSIDE] = 1
-    assert kernels.wait_offer(posted, 5, ahead, 1 << 40, awake) is True     # returns at once: a check cannot hang
-    ahead[kernels.SHARED_INSIDE], ahead[kernels.SHARED_NEXT] = 0, 4          # caller in and out again
-    assert kernels.wait_offer(posted, 5, ahead, 1 << 40, awake) is True
-    assert awake[0] == 3                                                    # one less only while inside
+    assert kernels.wait_offer(posted, 5, ahead, 1 << 40, awake, box) is True     # returns at once: a check cannot hang
+    ahead[kernels.SHARED_INSIDE], ahead[kernels.SHARED_NEXT] = 0, 4               # caller in and out again
+    assert kernels.wait_offer(posted, 5, ahead, 1 << 40, awake, box) is True
+    assert awake[0] == 3 and box[kernels.BOX_SPINNING] == 0                      # counted only while inside
 
 
 def test_wait_zero_and_count_add():
@@ -546,6 +547,76 @@ def test_vnni_linear_is_quantize_then_product(m, k, n, monkeypatch):
             threads.set_threads(threads.available())
     assert not want[-1].any() and (m <= 2 or np.isnan(want[1]).all())
     np.testing.assert_array_equal(quant.linear(x, q), want)
+
+
+def box_case(seed: int, m: int = 16, k: int = 96, n: int = 100):
+    """-> (fresh(): linear_s8_vnni's arguments with a NaN output and a zero state, the output it gives)"""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((m, k), dtype=f32)
+    q = quant.quantize(rng.standard_normal((n, k), dtype=f32), "avx512_vnni")
+    kp = quant.padded(k, kernels.INT8_K_ALIGN)
+
+    def fresh():
+        return (x, np.empty((m, kp), np.uint8), np.empty(m, f32), q.data, q.scale, q.wsum, np.full((m, n), np.nan, f32),
+                np.zeros(kernels.SHARED_SLOTS, np.int64))
+    want = fresh()
+    kernels.linear_s8_vnni(*want)
+    return fresh, want[6]
+
+
+@VNNI
+def test_a_helper_at_the_box_runs_the_posted_projection():
+    """serve_box as a helper runs it (here on this thread, which then does every block): the bits
+    linear_s8_vnni gives on the posted arrays; nothing when the projection was served already,
+    when the caller lets no more helpers in, or once the box is closed."""
+    fresh, want = box_case(1)
+    box = np.zeros(kernels.BOX_SLOTS, np.int64)
+    a = fresh()
+    kernels.open_box(box, 1, *a)
+    assert kernels.serve_box(box, -1) == 1 and box[kernels.BOX_INSIDE] == 0
+    np.testing.assert_array_equal(a[6], want)
+    b = fresh()
+    kernels.open_box(box, 1, *b[:6], b[6], b[7])
+    assert kernels.serve_box(box, 2) == 2                        # this epoch served already
+    box[kernels.BOX_LIMIT] = 0
+    assert kernels.serve_box(box, 1) == 2                        # no helper let in
+    box[kernels.BOX_LIMIT], box[kernels.BOX_OPEN] = 1, 0
+    assert kernels.serve_box(box, 1) == 2                        # closed
+    assert np.isnan(b[6]).all() and box[kernels.BOX_INSIDE] == 0
+
+
+@VNNI
+def test_a_boxed_launch_needs_a_spinning_helper_and_the_box_to_itself():
+    fresh, want = box_case(2)
+    box = np.zeros(kernels.BOX_SLOTS, np.int64)
+    a = fresh()
+    assert kernels.linear_s8_vnni_boxed(box, 1, *a) is False           # no helper spins
+    box[kernels.BOX_SPINNING] = 1
+    assert kernels.linear_s8_vnni_boxed(box, 0, *a) is False           # no helper allowed
+    box[kernels.BOX_OWNER] = 1
+    assert kernels.linear_s8_vnni_boxed(box, 1, *a) is False           # another caller holds it
+    box[kernels.BOX_OWNER] = 0
+    wide = np.full((a[6].shape[0], 2 * a[6].shape[1]), np.nan, f32)
+    assert kernels.linear_s8_vnni_boxed(box, 1, *a[:6], wide[:, ::2], a[7]) is False   # not contiguous
+    assert np.isnan(a[6]).all() and np.isnan(wide).all() and box[kernels.BOX_EPOCH] == 0
+    # a "spinning" helper that never comes: the caller does every block, and leaves the box closed
+    assert kernels.linear_s8_vnni_boxed(box, 1, *a) is True
+    np.testing.assert_array_equal(a[6], want)
+    assert box[kernels.BOX_EPOCH] == 1 and box[[kernels.BOX_OPEN, kernels.BOX_INSIDE, kernels.BOX_OWNER]].tolist() == [0, 0, 0]
+
+
+@VNNI
+@pytest.mark.parametrize("m", [1, 16, 40])
+def test_projections_with_helpers_at_the_box_give_the_same_bits(m):
+    """At 2 threads (helpers spinning, as in a model call) each projection gives the bits it
+    gives on one thread, through the box or the board, whichever the helpers are at."""
+    fresh, want = box_case(3, m=m, k=768, n=2304)
+    with threads.calls(2):
+        for _ in range(20):
+            a = fresh()
+            threads.run(kernels.linear_s8_vnni, *a[:7])
+            np.testing.assert_array_equal(a[6], want)
+    assert threads._box[[kernels.BOX_OPEN, kernels.BOX_INSIDE, kernels.BOX_OWNER]].tolist() == [0, 0, 0]
 
 
 def test_vnni_product_is_never_offered_without_the_feature(monkeypatch):

@@ -9,7 +9,10 @@ kernels"). A model's `threads` governs both, on every call of that model:
   calls in force share one count: a call that needs another waits until they end (calls of the
   same count run at once, and a waiting call is let in before newer calls of the count in force).
 - `run(kernel, *args)` launches a shared kernel: on the calling thread, with `count() - 1`
-  helpers offered a share when the input is large enough (`kernels._SHARED`).
+  helpers offered a share when the input is large enough (`kernels._SHARED`). An int8 projection
+  goes through the projection box instead when a helper spins (`kernels.BOXED`): the helpers join
+  it from their spin, without the GIL, at any size. Each model call wakes its sleeping helpers
+  first, so that they spin when its first projection comes.
 - The helpers are plain daemon Python threads, started on first use. Between kernels they spin
   for a new offer (in a Numba loop, without the GIL) for about 2 ms, then sleep on a queue; each
   offer goes to the newest slots of a bounded board, so a stale offer never hides a new one.
@@ -204,6 +207,8 @@ def calls(n: int):
     on n threads until the block ends (waiting, first, for calls that need another count)."""
     before = getattr(_local, "count", None)
     _local.count = n
+    if n > 1:
+        _rouse(n - 1)
     try:
         with _blas(n):
             yield
@@ -217,6 +222,7 @@ _board: collections.deque = collections.deque(maxlen=1)   # the newest offers, o
 _posted = np.zeros(1, np.int64)                            # [0]: offers made so far (spinning helpers watch it)
 _ahead = np.zeros(kernels.SHARED_SLOTS, np.int64)          # the state of the next shared kernel offered
 _awake = np.zeros(1, np.int64)                             # [0]: helpers running Python (changed atomically)
+_box = np.zeros(kernels.BOX_SLOTS, np.int64)               # the projection box (kernels.py), served by spinning helpers
 _wake: queue.SimpleQueue = queue.SimpleQueue()             # one token per sleeping helper woken
 _asleep = 0                                                # helpers asleep on _wake, no token yet
 _lock = threading.Lock()                                   # guards the board's appends, _posted, _ahead, _asleep
@@ -232,7 +238,7 @@ def _check_seconds() -> float:
     best = float("inf")
     for _ in range(5):
         t = time.perf_counter()
-        kernels.wait_offer(idle, 0, ahead, 1024, np.ones(1, np.int64))
+        kernels.wait_offer(idle, 0, ahead, 1024, np.ones(1, np.int64), np.zeros(kernels.BOX_SLOTS, np.int64))
         best = min(best, time.perf_counter() - t)
     return max(best, 1e-9) / 1024
 
@@ -256,7 +262,7 @@ def _next_offer():
             return _board.popleft()
         except IndexError:
             pass
-        if kernels.wait_offer(_posted, seen, ahead, checks, _awake):
+        if kernels.wait_offer(_posted, seen, ahead, checks, _awake, _box):
             continue
         with _lock:
             if _board:
@@ -310,6 +316,19 @@ def _post(kernel, args: tuple, n: int, shared: bool):
     return state
 
 
+def _rouse(n: int) -> None:
+    """Before a call's kernels: n helpers started, and the sleeping ones among them woken, so that
+    they spin when its first projection comes (kernels.py, "The projection box"); a call whose
+    kernels are all too small for the board would otherwise never wake them."""
+    global _asleep
+    _ensure(n)
+    with _lock:
+        woken = min(n, _asleep)
+        _asleep -= woken
+    for _ in range(woken):
+        _wake.put(None)
+
+
 def offer(kernel, args: tuple, n: int) -> None:
     """Let up to n helper threads run kernel(*args) too, and return at once. The board keeps only
     the newest offers (one per helper): an older one, whose call has likely ended, is dropped.
@@ -334,10 +353,16 @@ def _settle_checks() -> int:
 
 
 def run(kernel, *args):
-    """kernel(*args) on this thread, with count() - 1 helper threads offered a share when the
-    input (its first argument) is at least kernels._SHARED[kernel] elements."""
+    """kernel(*args) on this thread, with count() - 1 helper threads: through its box when it has
+    one (kernels.BOXED) and a helper spins, else offered a share on the board when the input (its
+    first argument) is at least kernels._SHARED[kernel] elements."""
     n = count()
-    if n == 1 or args[0].size < kernels._SHARED[kernel]:
+    if n == 1:
+        return run_here(kernel, *args)
+    boxed = kernels.BOXED.get(kernel)
+    if boxed is not None and boxed(_box, n - 1, *args, np.zeros(kernels.SHARED_SLOTS, np.int64)):
+        return None
+    if args[0].size < kernels._SHARED[kernel]:
         return run_here(kernel, *args)
     state = _post(kernel, args, n - 1, shared=True)
     kernel(*args, state)
@@ -357,10 +382,11 @@ def run_here(kernel, *args):
 # --- fork ----------------------------------------------------------------------------------------
 
 def _after_fork_in_child() -> None:
-    global _board, _ahead, _awake, _wake, _asleep, _lock, _grow, _gate
+    global _board, _ahead, _awake, _box, _wake, _asleep, _lock, _grow, _gate
     _board = collections.deque(maxlen=1)
     _ahead = np.zeros(kernels.SHARED_SLOTS, np.int64)
     _awake = np.zeros(1, np.int64)
+    _box = np.zeros(kernels.BOX_SLOTS, np.int64)
     _wake = queue.SimpleQueue()
     _asleep = 0
     _lock = threading.Lock()
