@@ -572,11 +572,11 @@ def test_a_helper_at_the_box_runs_the_posted_projection():
     fresh, want = box_case(1)
     box = np.zeros(kernels.BOX_SLOTS, np.int64)
     a = fresh()
-    kernels.open_box(box, 1, *a)
+    kernels.post_linear(box, 1, *a)
     assert kernels.serve_box(box, -1) == 1 and box[kernels.BOX_INSIDE] == 0
     np.testing.assert_array_equal(a[6], want)
     b = fresh()
-    kernels.open_box(box, 1, *b[:6], b[6], b[7])
+    kernels.post_linear(box, 1, *b)
     assert kernels.serve_box(box, 2) == 2                        # this epoch served already
     box[kernels.BOX_LIMIT] = 0
     assert kernels.serve_box(box, 1) == 2                        # no helper let in
@@ -603,6 +603,63 @@ def test_a_boxed_launch_needs_a_spinning_helper_and_the_box_to_itself():
     assert kernels.linear_s8_vnni_boxed(box, 1, *a) is True
     np.testing.assert_array_equal(a[6], want)
     assert box[kernels.BOX_EPOCH] == 1 and box[[kernels.BOX_OPEN, kernels.BOX_INSIDE, kernels.BOX_OWNER]].tolist() == [0, 0, 0]
+
+
+def portable_box_cases(seed):
+    """-> {name: (boxed launch, post, kernel, fresh(): its arguments with NaN outputs and a zero
+    state)} for the walk and attention, the boxes every CPU has."""
+    rng = np.random.default_rng(seed)
+    x, w_in, b_in, w_out = random_tree(rng, 11, 64, 7)
+    qkv = rng.standard_normal((29, 3 * 128), dtype=f32)
+    seqs = fwd.spans([11, 1, 17])
+    bias = fwd.key_bias(rng.random((3, 17)) > 0.2)
+    return {
+        "walk": (kernels.fff_walk_boxed, kernels.post_walk, kernels.fff_walk,
+                 lambda: (x, w_in, b_in, w_out, 7, np.full_like(x, np.nan), np.full((11, 8), -1, np.int32),
+                          np.full((11, 8), np.nan, f32), np.zeros(kernels.SHARED_SLOTS, np.int64))),
+        "attention": (kernels.attention_heads_boxed, kernels.post_attention, kernels.attention_heads,
+                      lambda: (qkv, seqs, bias, f32(0.3), 2, np.full((29, 128), np.nan, f32),
+                               np.zeros(kernels.SHARED_SLOTS, np.int64))),
+    }
+
+
+def assert_same_arrays(got, want):
+    for a, b in zip(got, want):
+        if isinstance(a, np.ndarray):
+            np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("name", ["walk", "attention"])
+def test_the_walk_and_attention_boxes_give_the_kernels_bits(name):
+    """As a helper would (serve_box on this thread, which then does every block) and as a caller
+    whose helper never comes: the bits of the kernel alone; the box left closed and free."""
+    boxed, post, kernel, fresh = portable_box_cases(7)[name]
+    want = fresh()
+    kernel(*want)
+    assert not np.isnan(want[-2]).any()                          # (the kernel wrote its output)
+    box = np.zeros(kernels.BOX_SLOTS, np.int64)
+    got = fresh()
+    post(box, 1, *got)
+    assert kernels._box_turn(box, -1) == 1
+    box[kernels.BOX_OPEN] = 0
+    assert_same_arrays(got[:-1], want[:-1])
+    box[kernels.BOX_SPINNING] = 1
+    alone = fresh()
+    assert boxed(box, 1, *alone) is True
+    assert_same_arrays(alone[:-1], want[:-1])
+    assert box[[kernels.BOX_OPEN, kernels.BOX_INSIDE, kernels.BOX_OWNER]].tolist() == [0, 0, 0]
+
+
+@pytest.mark.parametrize("name", ["walk", "attention"])
+def test_the_walk_and_attention_through_threads_give_the_same_bits(name):
+    boxed, post, kernel, fresh = portable_box_cases(8)[name]
+    want = fresh()
+    kernel(*want)
+    with threads.calls(2):
+        for _ in range(20):
+            got = fresh()
+            threads.run(kernel, *got[:-1])
+            assert_same_arrays(got[:-1], want[:-1])
 
 
 @VNNI

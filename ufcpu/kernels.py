@@ -128,7 +128,7 @@ def wait_offer(posted, seen, ahead, checks, awake, box):
     A helper waits here between kernels, without the GIL: the OS takes tens of microseconds to
     wake a sleeping thread, and a helper that took the GIL before the caller let it go would sleep
     on it (the caller holds the GIL until its own kernel starts). Meanwhile it joins every
-    projection posted to `box` ("The projection box"), and spins `checks` more after each."""
+    kernel posted to `box` ("The box"), and spins `checks` more after each."""
     fetch_add(awake, 0, -1)
     fetch_add(box, BOX_SPINNING, 1)
     offered = False
@@ -1524,24 +1524,27 @@ def host_features() -> frozenset:
 
 
 # ---------------------------------------------------------------------------------------------
-# The projection box: spinning helpers join an int8 projection without leaving Numba
+# The box: spinning helpers join a kernel without leaving Numba
 # ---------------------------------------------------------------------------------------------
 # A helper that joins through threads.py's board takes the GIL and Numba's argument checks first,
 # 15-20 us: a shared 1.77 MB projection of 16 tokens took 280 us that way, against 310 alone. The
-# box holds the projection's array addresses and sizes instead; a helper spinning in wait_offer
-# reads them and runs its share of linear_s8_vnni at once (200 us), and stays in Numba between
-# projections. The caller keeps the arrays alive until every helper that entered has left. A
-# helper enters only while the box is open, and both sides order these steps with sequentially
+# box holds a kernel's array addresses and sizes instead; a helper spinning in wait_offer reads
+# them and runs its share at once (200 us for that projection), and stays in Numba between
+# kernels. The caller keeps the arrays alive until every helper that entered has left. A helper
+# enters only while the box is open, and both sides order these steps with sequentially
 # consistent atomics: either the helper finds the box closed, or the caller finds it inside.
+# Kernels with a box: the int8 projection (where the CPU has VNNI), the walk and attention.
 
-BOX_EPOCH = 0      # projections posted so far
-BOX_OPEN = 1       # 1 while the caller is inside the posted projection
+BOX_EPOCH = 0      # kernels posted so far
+BOX_OPEN = 1       # 1 while the caller is inside the posted kernel
 BOX_INSIDE = 2     # helpers that entered it (or are checking whether they may)
 BOX_OWNER = 3      # callers holding the box: one at a time, the others take the board
 BOX_SPINNING = 4   # helpers spinning in wait_offer, the ones that serve the box
 BOX_LIMIT = 5      # helpers the caller lets in (its thread count - 1)
-BOX_ARGS = 8       # linear_s8_vnni's 8 array addresses, then 6 sizes
-BOX_SLOTS = BOX_ARGS + 14
+BOX_KIND = 6       # which kernel: one of the three below
+BOX_ARGS = 8       # the kernel's array addresses, then its sizes
+BOX_SLOTS = BOX_ARGS + 16
+BOX_LINEAR, BOX_WALK, BOX_ATTENTION = 1, 2, 3
 
 
 def _pointer_to(dtype):
@@ -1560,43 +1563,140 @@ _F32_AT, _U8_AT, _I8_AT, _I32_AT, _I64_AT = (_pointer_to(t) for t in (types.floa
                                                                       types.int32, types.int64))
 
 
+@njit(inline="always", **_JIT)
+def _state_at(box, slot):
+    return carray(_I64_AT(box[slot]), (SHARED_SLOTS,))
+
+
 @njit(**_JIT)
-def _run_box(box):
-    """linear_s8_vnni on the arrays the box holds (C-contiguous, as linear_s8_vnni_boxed checked)."""
+def _run_linear(box):
+    """linear_s8_vnni on the arrays the box holds (C-contiguous, as their caller checked)."""
     a, z = BOX_ARGS, BOX_ARGS + 8
     m, k, kp, groups, kq, n = box[z], box[z + 1], box[z + 2], box[z + 3], box[z + 4], box[z + 5]
     linear_s8_vnni(carray(_F32_AT(box[a]), (m, k)), carray(_U8_AT(box[a + 1]), (m, kp)),
                    carray(_F32_AT(box[a + 2]), (m,)), carray(_I8_AT(box[a + 3]), (groups, kq, VNNI_GROUP, 4)),
                    carray(_F32_AT(box[a + 4]), (n,)), carray(_I32_AT(box[a + 5]), (n,)),
-                   carray(_F32_AT(box[a + 6]), (m, n)), carray(_I64_AT(box[a + 7]), (SHARED_SLOTS,)))
+                   carray(_F32_AT(box[a + 6]), (m, n)), _state_at(box, a + 7))
 
 
 @njit(**_JIT)
-def open_box(box, helpers, x, xq, xs, wp, ws, wsum, out, state):
+def _run_portable(box):
+    """fff_walk or attention_heads, as BOX_KIND says, on the arrays the box holds."""
+    a, z = BOX_ARGS, BOX_ARGS + 8
+    if box[BOX_KIND] == BOX_WALK:
+        t, h, nodes, depth = box[z], box[z + 1], box[z + 2], box[z + 3]
+        fff_walk(carray(_F32_AT(box[a]), (t, h)), carray(_F32_AT(box[a + 1]), (nodes, h)),
+                 carray(_F32_AT(box[a + 2]), (nodes,)), carray(_F32_AT(box[a + 3]), (nodes, h)), depth,
+                 carray(_F32_AT(box[a + 4]), (t, h)), carray(_I32_AT(box[a + 5]), (t, depth + 1)),
+                 carray(_F32_AT(box[a + 6]), (t, depth + 1)), _state_at(box, a + 7))
+    elif box[BOX_KIND] == BOX_ATTENTION:
+        t, width, n, s_len, heads, hid = box[z], box[z + 1], box[z + 2], box[z + 3], box[z + 4], box[z + 5]
+        attention_heads(carray(_F32_AT(box[a]), (t, width)), carray(_I64_AT(box[a + 1]), (n, 2)),
+                        carray(_F32_AT(box[a + 2]), (n, s_len)), _f32_from_bits(np.int32(box[z + 6])), heads,
+                        carray(_F32_AT(box[a + 3]), (t, hid)), _state_at(box, a + 4))
+
+
+@njit(inline="always", **_JIT)
+def _door(box, seen):
+    """-> (the epoch seen, 0: nothing to join; 1: entered, run it; 2: entered, not let in)"""
+    epoch = load_acquire(box, BOX_EPOCH)
+    if epoch == seen or load_acquire(box, BOX_OPEN) == 0:
+        return epoch, 0
+    if fetch_add(box, BOX_INSIDE, 1) < box[BOX_LIMIT] and fetch_add(box, BOX_OPEN, 0) == 1 \
+            and fetch_add(box, BOX_EPOCH, 0) == epoch:
+        return epoch, 1
+    return epoch, 2
+
+
+@njit(**_JIT)
+def serve_box(box, seen):
+    """A helper's turn at the box: if a kernel newer than `seen` is open and the caller lets one
+    more helper in, run a share of it -> the epoch it looked at."""
+    epoch, door = _door(box, seen)
+    if door == 1 and box[BOX_KIND] == BOX_LINEAR:
+        _run_linear(box)
+    elif door == 1:
+        _run_portable(box)
+    if door:
+        fetch_add(box, BOX_INSIDE, -1)
+    return epoch
+
+
+@njit(**_JIT)
+def serve_box_portable(box, seen):
+    """serve_box where the CPU has no VNNI: never the int8 projection (it would not compile)."""
+    epoch, door = _door(box, seen)
+    if door == 1 and box[BOX_KIND] != BOX_LINEAR:
+        _run_portable(box)
+    if door:
+        fetch_add(box, BOX_INSIDE, -1)
+    return epoch
+
+
+# What wait_offer calls to serve the box. A global, so that wait_offer is cached as every kernel is.
+_box_turn = serve_box if "avx512vnni" in host_features() else serve_box_portable
+
+
+@njit(inline="always", **_JIT)
+def _take_box(box, helpers, arrays_ok):
+    """-> whether this caller now holds the box: some helper spins, the arrays are C-contiguous,
+    and no other caller holds it."""
+    if helpers < 1 or not arrays_ok or load_acquire(box, BOX_SPINNING) == 0:
+        return False
+    if fetch_add(box, BOX_OWNER, 1) != 0:
+        fetch_add(box, BOX_OWNER, -1)
+        return False
+    return True
+
+
+@njit(inline="always", **_JIT)
+def _open_box(box, helpers, kind):
+    box[BOX_LIMIT], box[BOX_KIND] = helpers, kind
+    fetch_add(box, BOX_OPEN, 1)
+    fetch_add(box, BOX_EPOCH, 1)
+
+
+@njit(inline="always", **_JIT)
+def _close_box(box):
+    """Close the box, wait for the helpers still inside, and let go of it."""
+    fetch_add(box, BOX_OPEN, -1)
+    inside = fetch_add(box, BOX_INSIDE, 0)
+    while inside != 0:                       # helpers on their last blocks, or about to find it closed
+        _spin_pause()
+        inside = load_acquire(box, BOX_INSIDE)
+    fetch_add(box, BOX_OWNER, -1)
+
+
+@njit(**_JIT)
+def post_linear(box, helpers, x, xq, xs, wp, ws, wsum, out, state):
     """Post linear_s8_vnni's arrays (C-contiguous, kept alive by the caller) to the box, for up
-    to `helpers` helpers, and open it."""
+    to `helpers` helpers, and open it (as post_walk and post_attention, for theirs)."""
     a, z = BOX_ARGS, BOX_ARGS + 8
     box[a], box[a + 1], box[a + 2], box[a + 3] = x.ctypes.data, xq.ctypes.data, xs.ctypes.data, wp.ctypes.data
     box[a + 4], box[a + 5], box[a + 6], box[a + 7] = ws.ctypes.data, wsum.ctypes.data, out.ctypes.data, state.ctypes.data
     box[z], box[z + 1], box[z + 2] = x.shape[0], x.shape[1], xq.shape[1]
     box[z + 3], box[z + 4], box[z + 5] = wp.shape[0], wp.shape[1], out.shape[1]
-    box[BOX_LIMIT] = helpers
-    fetch_add(box, BOX_OPEN, 1)
-    fetch_add(box, BOX_EPOCH, 1)
+    _open_box(box, helpers, BOX_LINEAR)
 
 
 @njit(**_JIT)
-def serve_box(box, seen):
-    """A helper's turn at the box: if a projection newer than `seen` is open and the caller lets
-    one more helper in, run a share of it -> the epoch it looked at."""
-    epoch = load_acquire(box, BOX_EPOCH)
-    if epoch == seen or load_acquire(box, BOX_OPEN) == 0:
-        return epoch
-    if fetch_add(box, BOX_INSIDE, 1) < box[BOX_LIMIT] and fetch_add(box, BOX_OPEN, 0) == 1 \
-            and fetch_add(box, BOX_EPOCH, 0) == epoch:
-        _run_box(box)
-    fetch_add(box, BOX_INSIDE, -1)
-    return epoch
+def post_walk(box, helpers, x, w_in, b_in, w_out, depth, out, routes, logits, state):
+    a, z = BOX_ARGS, BOX_ARGS + 8
+    box[a], box[a + 1], box[a + 2], box[a + 3] = x.ctypes.data, w_in.ctypes.data, b_in.ctypes.data, w_out.ctypes.data
+    box[a + 4], box[a + 5], box[a + 6], box[a + 7] = out.ctypes.data, routes.ctypes.data, logits.ctypes.data, \
+        state.ctypes.data
+    box[z], box[z + 1], box[z + 2], box[z + 3] = x.shape[0], x.shape[1], w_in.shape[0], depth
+    _open_box(box, helpers, BOX_WALK)
+
+
+@njit(**_JIT)
+def post_attention(box, helpers, qkv, seqs, key_bias, scale, heads, out, state):
+    a, z = BOX_ARGS, BOX_ARGS + 8
+    box[a], box[a + 1], box[a + 2], box[a + 3], box[a + 4] = qkv.ctypes.data, seqs.ctypes.data, \
+        key_bias.ctypes.data, out.ctypes.data, state.ctypes.data
+    box[z], box[z + 1], box[z + 2], box[z + 3] = qkv.shape[0], qkv.shape[1], seqs.shape[0], key_bias.shape[1]
+    box[z + 4], box[z + 5], box[z + 6] = heads, out.shape[1], _f32_bits(np.float32(scale))
+    _open_box(box, helpers, BOX_ATTENTION)
 
 
 @njit(**_JIT)
@@ -1604,35 +1704,43 @@ def linear_s8_vnni_boxed(box, helpers, x, xq, xs, wp, ws, wsum, out, state):
     """linear_s8_vnni(x, ..., out, state), with up to `helpers` spinning helpers joining through
     the box -> True. False, having done nothing, when no helper spins, another caller holds the
     box, or an array is not C-contiguous: then launch it on threads.py's board instead."""
-    arrays_ok = (x.flags.c_contiguous and xq.flags.c_contiguous and xs.flags.c_contiguous and wp.flags.c_contiguous
-                 and ws.flags.c_contiguous and wsum.flags.c_contiguous and out.flags.c_contiguous)
-    if helpers < 1 or not arrays_ok or load_acquire(box, BOX_SPINNING) == 0:
+    ok = (x.flags.c_contiguous and xq.flags.c_contiguous and xs.flags.c_contiguous and wp.flags.c_contiguous
+          and ws.flags.c_contiguous and wsum.flags.c_contiguous and out.flags.c_contiguous)
+    if not _take_box(box, helpers, ok):
         return False
-    if fetch_add(box, BOX_OWNER, 1) != 0:
-        fetch_add(box, BOX_OWNER, -1)
-        return False
-    open_box(box, helpers, x, xq, xs, wp, ws, wsum, out, state)
+    post_linear(box, helpers, x, xq, xs, wp, ws, wsum, out, state)
     linear_s8_vnni(x, xq, xs, wp, ws, wsum, out, state)
-    fetch_add(box, BOX_OPEN, -1)
-    inside = fetch_add(box, BOX_INSIDE, 0)
-    while inside != 0:                       # helpers on their last blocks, or about to find it closed
-        _spin_pause()
-        inside = load_acquire(box, BOX_INSIDE)
-    fetch_add(box, BOX_OWNER, -1)
+    _close_box(box)
     return True
 
 
 @njit(**_JIT)
-def _serve_no_box(box, seen):   # -> serve_box's answer when nothing is served
-    return load_acquire(box, BOX_EPOCH)
+def fff_walk_boxed(box, helpers, x, w_in, b_in, w_out, depth, out, routes, logits, state):
+    """fff_walk(...) with helpers joining through the box -> True; False as linear_s8_vnni_boxed."""
+    ok = (x.flags.c_contiguous and w_in.flags.c_contiguous and b_in.flags.c_contiguous and w_out.flags.c_contiguous
+          and out.flags.c_contiguous and routes.flags.c_contiguous and logits.flags.c_contiguous)
+    if not _take_box(box, helpers, ok):
+        return False
+    post_walk(box, helpers, x, w_in, b_in, w_out, depth, out, routes, logits, state)
+    fff_walk(x, w_in, b_in, w_out, depth, out, routes, logits, state)
+    _close_box(box)
+    return True
 
 
-# What wait_offer calls to serve the box: nothing where the CPU has no VNNI (the box's kernel
-# would not even compile there). A global, so that wait_offer is cached as every kernel is.
-_box_turn = serve_box if "avx512vnni" in host_features() else _serve_no_box
+@njit(**_JIT)
+def attention_heads_boxed(box, helpers, qkv, seqs, key_bias, scale, heads, out, state):
+    """attention_heads(...) with helpers joining through the box -> True; False as linear_s8_vnni_boxed."""
+    ok = qkv.flags.c_contiguous and seqs.flags.c_contiguous and key_bias.flags.c_contiguous and out.flags.c_contiguous
+    if not _take_box(box, helpers, ok):
+        return False
+    post_attention(box, helpers, qkv, seqs, key_bias, scale, heads, out, state)
+    attention_heads(qkv, seqs, key_bias, scale, heads, out, state)
+    _close_box(box)
+    return True
+
 
 # kernel -> its boxed launch (threads.run tries it first)
-BOXED = {linear_s8_vnni: linear_s8_vnni_boxed}
+BOXED = {linear_s8_vnni: linear_s8_vnni_boxed, fff_walk: fff_walk_boxed, attention_heads: attention_heads_boxed}
 
 
 # int8 kernel -> the CPU feature it needs (None: any CPU), fastest first; quant.py picks from here

@@ -9,10 +9,10 @@ kernels"). A model's `threads` governs both, on every call of that model:
   calls in force share one count: a call that needs another waits until they end (calls of the
   same count run at once, and a waiting call is let in before newer calls of the count in force).
 - `run(kernel, *args)` launches a shared kernel: on the calling thread, with `count() - 1`
-  helpers offered a share when the input is large enough (`kernels._SHARED`). An int8 projection
-  goes through the projection box instead when a helper spins (`kernels.BOXED`): the helpers join
-  it from their spin, without the GIL, at any size. Each model call wakes its sleeping helpers
-  first, so that they spin when its first projection comes.
+  helpers offered a share when the input is large enough (`kernels._SHARED`). The int8
+  projection, the walk and attention go through the box instead when a helper spins
+  (`kernels.BOXED`): the helpers join from their spin, without the GIL, at any size. Each model
+  call wakes its sleeping helpers first, so that they spin when its first kernel comes.
 - The helpers are plain daemon Python threads, started on first use. Between kernels they spin
   for a new offer (in a Numba loop, without the GIL) for about 2 ms, then sleep on a queue; each
   offer goes to the newest slots of a bounded board, so a stale offer never hides a new one.
@@ -222,7 +222,7 @@ _board: collections.deque = collections.deque(maxlen=1)   # the newest offers, o
 _posted = np.zeros(1, np.int64)                            # [0]: offers made so far (spinning helpers watch it)
 _ahead = np.zeros(kernels.SHARED_SLOTS, np.int64)          # the state of the next shared kernel offered
 _awake = np.zeros(1, np.int64)                             # [0]: helpers running Python (changed atomically)
-_box = np.zeros(kernels.BOX_SLOTS, np.int64)               # the projection box (kernels.py), served by spinning helpers
+_box = np.zeros(kernels.BOX_SLOTS, np.int64)               # the box (kernels.py), served by spinning helpers
 _wake: queue.SimpleQueue = queue.SimpleQueue()             # one token per sleeping helper woken
 _asleep = 0                                                # helpers asleep on _wake, no token yet
 _lock = threading.Lock()                                   # guards the board's appends, _posted, _ahead, _asleep
@@ -318,8 +318,8 @@ def _post(kernel, args: tuple, n: int, shared: bool):
 
 def _rouse(n: int) -> None:
     """Before a call's kernels: n helpers started, and the sleeping ones among them woken, so that
-    they spin when its first projection comes (kernels.py, "The projection box"); a call whose
-    kernels are all too small for the board would otherwise never wake them."""
+    they spin when its first kernel comes (kernels.py, "The box"); a call whose kernels are all
+    too small for the board would otherwise never wake them."""
     global _asleep
     _ensure(n)
     with _lock:
