@@ -12,6 +12,14 @@ from ufcpu.errors import InputError
 WAIT = 30   # seconds an event may take on a loaded machine; a pass never waits this long
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _compiled():
+    """wait_offer compiled before any helper starts: from a cold kernel cache a helper's first
+    call compiles it (with every kernel it can serve from the box, tens of seconds), and the
+    waits below are for the threads, not the compiler."""
+    threads._check_seconds()
+
+
 # --- helper threads ------------------------------------------------------------------------------
 
 def test_offered_work_runs_on_helper_threads():

@@ -1680,7 +1680,7 @@ def post_linear(box, helpers, x, xq, xs, wp, ws, wsum, out, state):
 
 
 @njit(**_JIT)
-def post_walk(box, helpers, x, w_in, b_in, w_out, depth, out, routes, logits, state):
+def post_walk(box, helpers, x, w_in, b_in, w_out, depth, out, routes, logits, state):  # as post_linear
     a, z = BOX_ARGS, BOX_ARGS + 8
     box[a], box[a + 1], box[a + 2], box[a + 3] = x.ctypes.data, w_in.ctypes.data, b_in.ctypes.data, w_out.ctypes.data
     box[a + 4], box[a + 5], box[a + 6], box[a + 7] = out.ctypes.data, routes.ctypes.data, logits.ctypes.data, \
@@ -1690,7 +1690,7 @@ def post_walk(box, helpers, x, w_in, b_in, w_out, depth, out, routes, logits, st
 
 
 @njit(**_JIT)
-def post_attention(box, helpers, qkv, seqs, key_bias, scale, heads, out, state):
+def post_attention(box, helpers, qkv, seqs, key_bias, scale, heads, out, state):  # as post_linear
     a, z = BOX_ARGS, BOX_ARGS + 8
     box[a], box[a + 1], box[a + 2], box[a + 3], box[a + 4] = qkv.ctypes.data, seqs.ctypes.data, \
         key_bias.ctypes.data, out.ctypes.data, state.ctypes.data

@@ -299,7 +299,7 @@ def _ensure(n: int) -> None:
 def _post(kernel, args: tuple, n: int, shared: bool):
     """Put kernel(*args) (with a fresh state appended when `shared`) on the board for up to n
     helpers and wake the sleeping ones it needs -> the state, or None."""
-    global _ahead, _asleep
+    global _ahead
     _ensure(n)
     with _lock:
         state = None
@@ -309,24 +309,32 @@ def _post(kernel, args: tuple, n: int, shared: bool):
         for _ in range(n):
             _board.append((kernel, args))
         _posted[0] += 1
-        woken = min(n, _asleep)
-        _asleep -= woken
+        woken = _sleepers_to_wake(n)
+    _wake_up(woken)
+    return state
+
+
+def _sleepers_to_wake(n: int) -> int:
+    """-> how many sleeping helpers (up to n) to wake, counted awake from now; _lock held."""
+    global _asleep
+    woken = min(n, _asleep)
+    _asleep -= woken
+    return woken
+
+
+def _wake_up(woken: int) -> None:
     for _ in range(woken):
         _wake.put(None)
-    return state
 
 
 def _rouse(n: int) -> None:
     """Before a call's kernels: n helpers started, and the sleeping ones among them woken, so that
     they spin when its first kernel comes (kernels.py, "The box"); a call whose kernels are all
     too small for the board would otherwise never wake them."""
-    global _asleep
     _ensure(n)
     with _lock:
-        woken = min(n, _asleep)
-        _asleep -= woken
-    for _ in range(woken):
-        _wake.put(None)
+        woken = _sleepers_to_wake(n)
+    _wake_up(woken)
 
 
 def offer(kernel, args: tuple, n: int) -> None:
@@ -360,10 +368,11 @@ def run(kernel, *args):
     if n == 1:
         return run_here(kernel, *args)
     boxed = kernels.BOXED.get(kernel)
-    if boxed is not None and boxed(_box, n - 1, *args, np.zeros(kernels.SHARED_SLOTS, np.int64)):
+    state = np.zeros(kernels.SHARED_SLOTS, np.int64)   # (a boxed launch that declines leaves it untouched)
+    if boxed is not None and boxed(_box, n - 1, *args, state):
         return None
     if args[0].size < kernels._SHARED[kernel]:
-        return run_here(kernel, *args)
+        return kernel(*args, state)
     state = _post(kernel, args, n - 1, shared=True)
     kernel(*args, state)
     while not kernels.helpers_done(state, _SPINS):
