@@ -460,6 +460,18 @@ def parse_ints(s: str) -> tuple[int, ...]:
     return tuple(int(x) for x in s.split(",") if x.strip())
 
 
+def positive_int(s: str) -> int:
+    """argparse type: a whole number >= 1."""
+    import argparse
+    try:
+        n = int(s)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {s!r}")
+    return n
+
+
 def log(msg: str) -> None:
     """Progress on stderr, so stdout stays the summary."""
     print(msg, file=sys.stderr, flush=True)

@@ -21,7 +21,13 @@ never share a process, and the peak memory belongs to that row alone. Peer rows 
 ufcpu's dense row on the same weights (max abs difference of hidden states), so the comparison is
 between equivalent computations.
 
-    python bench/encoder.py [--threads 1,2] [--model PATH] [--rows a,b] [--out DIR] [--smoke]
+With --rounds N every row runs N times, the rows taking turns in each round (row A, row B, ...,
+then again): the tables give each row's median over the rounds, and each ratio between rows is
+taken within a round (the rows of one round saw the same machine) and given as the median over the
+rounds with its range. A shared machine drifts by more than the differences measured here between
+runs minutes apart; turns and medians keep the ratios fair.
+
+    python bench/encoder.py [--threads 1,2] [--model PATH] [--rows a,b] [--rounds N] [--out DIR] [--smoke]
 """
 from __future__ import annotations
 
@@ -525,16 +531,80 @@ def peer_ratios(results: list[dict], workloads: dict, with_targets: bool = True)
     return out
 
 
+def by_round(results: list[dict]) -> list[list[dict]]:
+    """Results grouped by the round that measured them, in round order."""
+    rounds = sorted({r.get("round", 0) for r in results})
+    return [[r for r in results if r.get("round", 0) == k] for k in rounds]
+
+
+def combine_rounds(results: list[dict]) -> list[dict]:
+    """One result per (row, threads): tokens/s and the sentence latencies are medians over the
+    rounds (each round's value kept under "rounds"); the rest (checks, breakdown) is the last
+    round's; peak memory the largest. A row that failed in any round is reported by its error."""
+    groups: dict[tuple, list[dict]] = collections.defaultdict(list)
+    for r in results:
+        groups[r["row"], r["threads"]].append(r)
+    out = []
+    for runs in groups.values():
+        failed = [r for r in runs if "workloads" not in r]
+        if failed or len(runs) == 1:
+            out.append(failed[0] if failed else runs[0])
+            continue
+        last = runs[-1]
+        combined = {**last, "rounds": len(runs), "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
+                    "others_cpu_cores": float(np.median([r.get("others_cpu_cores") or 0.0 for r in runs]))}
+        combined["workloads"] = {
+            name: {**w, "tokens_per_s": float(np.median([r["workloads"][name]["tokens_per_s"] for r in runs])),
+                   "rounds_tokens_per_s": [r["workloads"][name]["tokens_per_s"] for r in runs]}
+            for name, w in last["workloads"].items()}
+        for key in ("latency", *(k for k in ("encode_sentence",) if k in last)):
+            combined[key] = {**last[key], **{q: float(np.median([r[key][q] for r in runs]))
+                                             for q in ("p50_ms", "p95_ms")},
+                             "rounds_p50_ms": [r[key]["p50_ms"] for r in runs]}
+        out.append(combined)
+    return out
+
+
+def peer_ratios_by_round(results: list[dict], workloads: dict, with_targets: bool = True) -> list[dict]:
+    """peer_ratios within each round, then per (threads, workload) the median ratio over the rounds
+    (its range and every round's value kept); a target is judged on the median."""
+    per_round = [peer_ratios(rs, workloads, with_targets) for rs in by_round(results)]
+    merged: dict[tuple, list[dict]] = collections.defaultdict(list)
+    for ratios in per_round:
+        for r in ratios:
+            merged[r["threads"], r["workload"]].append(r)
+    out = []
+    for runs in merged.values():
+        ratio = float(np.median([r["ratio"] for r in runs]))
+        f32 = [r["int8_over_float32"] for r in runs if r["int8_over_float32"] is not None]
+        target = runs[0]["target"]
+        reached = None if target is None else (ratio <= target if runs[0]["workload"] == "sentence" else ratio >= target)
+        out.append({**runs[-1], "ratio": ratio, "reached": reached, "rounds": [r["ratio"] for r in runs],
+                    "ufcpu_by_round": [r["ufcpu"] for r in runs], "peer_by_round": [r["peer"] for r in runs],
+                    "int8_over_float32": float(np.median(f32)) if f32 else None})
+    return out
+
+
+def _ratio_cell(r: dict) -> str:
+    rounds = r.get("rounds", [])
+    if len(rounds) < 2:
+        return f"{fmt(r['ratio'])}x"
+    return f"{fmt(r['ratio'])}x ({fmt(min(rounds))}-{fmt(max(rounds))}x)"
+
+
 def peer_markdown(ratios: list[dict]) -> list[str]:
     if not ratios:
         return []
     out = ["## ufcpu's fastest mode against the faster reduced-precision peer", "",
            f"Tokens/s ratio (ufcpu / peer); the sentence row is the p50 latency ratio (ufcpu / peer, lower is "
            f"better). Targets (issue 13): {', '.join(f'{k} >= {v:g}x' for k, v in PEER_TARGETS.items())}, "
-           f"sentence p50 <= {SENTENCE_TARGET:g}x. Last column: ufcpu-int8 speed over ufcpu-fff.", ""]
+           f"sentence p50 <= {SENTENCE_TARGET:g}x. Last column: ufcpu-int8 speed over ufcpu-fff."
+           + (f" Ratios taken within each of {len(ratios[0]['rounds'])} rounds: the median, its range in "
+              f"brackets, the target judged on the median." if len(ratios[0].get("rounds", [])) > 1 else ""),
+           ""]
     out.append(common.md_table(
         ["threads", "workload", "ufcpu mode", "peer", "ratio", "target", "int8 / float32"],
-        [[r["threads"], r["workload"], r["ufcpu"], r["peer"], f"{fmt(r['ratio'])}x",
+        [[r["threads"], r["workload"], r["ufcpu"], r["peer"], _ratio_cell(r),
           "-" if r["target"] is None else ("reached" if r["reached"] else "not reached"),
           "-" if r["int8_over_float32"] is None else f"{fmt(r['int8_over_float32'])}x"] for r in ratios]))
     return out + [""]
@@ -544,7 +614,9 @@ def markdown(results: list[dict], rows: list[Row], skipped: dict, cfg, workloads
              meta: dict) -> str:
     names = list(workloads)
     out = [f"# Encoder: tokens/s ({cfg.layers} layers, H = {cfg.hidden}, {cfg.heads} heads, FFF depth {cfg.depth})", "",
-           f"Model: {meta['model']}. Wall-clock, warm, median of repeats; tokens/s counts real tokens "
+           f"Model: {meta['model']}. Wall-clock, warm, median of repeats"
+           + (f", then the median over {meta['rounds']} rounds in which the rows took turns" if meta["rounds"] > 1 else "")
+           + f"; tokens/s counts real tokens "
            f"(padding excluded). Latency: one short sentence ({meta['sentence_tokens']} tokens), hidden states "
            f"only. Peak RSS: the row's own process while running (mapped weight pages included). "
            f"Others' CPUs: how many of the {os.cpu_count()} CPUs other processes kept busy during the row "
@@ -669,6 +741,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
                     help="before each row, wait up to this long for other processes to leave the CPUs "
                          "90%% idle (shared machines; default 0: just record how idle they were)")
+    ap.add_argument("--rounds", type=common.positive_int, default=1, metavar="N",
+                    help="run every row N times, the rows taking turns; report medians over the rounds "
+                         "(default 1)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--name", default=None,
                     help="results file name without suffix (default encoder-<cpu>, e.g. encoder-icelake-server; "
@@ -712,19 +787,23 @@ def main(argv: list[str] | None = None) -> int:
                          onnx_paths)
         # full runs: one process per row (isolated peak memory); smoke: as few as can share one
         groups = ([[r for r in rows if r.family in g] for g in SMOKE_GROUPS] if args.smoke else [[r] for r in rows])
-        for n in thread_counts:
-            for group in filter(None, groups):
-                log(f"{'+'.join(r.key for r in group)} at {n} thread(s)")
-                results += run_worker(group, n, plan, Path(tmp), args.wait_idle)
+        for k in range(args.rounds):
+            for n in thread_counts:
+                for group in filter(None, groups):
+                    log(f"{'+'.join(r.key for r in group)} at {n} thread(s)"
+                        + (f", round {k + 1} of {args.rounds}" if args.rounds > 1 else ""))
+                    results += [{**r, "round": k} for r in run_worker(group, n, plan, Path(tmp), args.wait_idle)]
 
+    ratios = peer_ratios_by_round(results, workloads, with_targets=not args.smoke)
+    per_round = results
+    results = combine_rounds(results)
     speedups = summarise(results, rows, cfg, workloads)
     meta = {"model": (f"{source} (real checkpoint)" if args.model else
                       "the project's random checkpoint in the exact Hub layout (weights_convert/random_checkpoint.py)"),
-            "sentence_tokens": int(sentence[1].sum())}
+            "sentence_tokens": int(sentence[1].sum()), "rounds": args.rounds}
     name = args.name or ("encoder" if args.smoke else f"encoder-{common.cpu_slug(info)}")   # one file per CPU
     png = args.out / f"{name}.png"
     plotted = plot(results, rows, cfg, workloads, png)
-    ratios = peer_ratios(results, workloads, with_targets=not args.smoke)
     md = "\n".join([markdown(results, rows, skipped, cfg, workloads, speedups, meta), *peer_markdown(ratios)])
     if not plotted:
         md += "\n(plot skipped: matplotlib is not installed)\n"
@@ -741,7 +820,8 @@ def main(argv: list[str] | None = None) -> int:
                            "onnxruntime": "intra_op_num_threads=n, inter_op_num_threads=1, sequential",
                            "torch": "torch.set_num_threads(n)"},
         "isolation": "one process per (row, threads)" if not args.smoke else f"process groups {SMOKE_GROUPS} (smoke)",
-        "results": results, "speedups": speedups, "peer_ratios": ratios, "plot": png.name if plotted else None,
+        "rounds": args.rounds, "results": results, "results_by_round": per_round if args.rounds > 1 else None,
+        "speedups": speedups, "peer_ratios": ratios, "plot": png.name if plotted else None,
         "wall_s": time.perf_counter() - started})
     common.write_text(args.out / f"{name}.md", md)
     print(md)

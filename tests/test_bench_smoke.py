@@ -258,3 +258,64 @@ def test_ff_layer_thread_clock_needs_one_thread(tmp_path):
                            "--clock", "thread", "--threads", "1,2"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "--threads 1" in proc.stderr
     assert not list(tmp_path.iterdir())
+
+
+def _encoder_module():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench_encoder", BENCH / "encoder.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod          # dataclasses look their module up while it runs
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(str(BENCH))
+    return mod
+
+
+def _result(row: str, k: int, tok_s: dict, p50: float) -> dict:
+    return {"row": row, "threads": 2, "round": k, "peak_rss_mb": 100.0 + k, "others_cpu_cores": 0.1,
+            "workloads": {w: {"tokens_per_s": v, "median_s": 1.0} for w, v in tok_s.items()},
+            "latency": {"p50_ms": p50, "p95_ms": 2 * p50}}
+
+
+def test_encoder_rounds_take_medians_and_ratios_within_rounds():
+    """--rounds: each row's figures are medians over its rounds, and each ratio is taken within a
+    round (the rows of a round saw the same machine), then the median over rounds is judged."""
+    enc = _encoder_module()
+    workloads = {"8x128": None, "mix": None}
+    # the machine slows down in round 1 for both rows: within-round ratios stay 2.5x and 3x
+    mine = [(1000.0, 3000.0, 4.0), (500.0, 1500.0, 8.0), (900.0, 2700.0, 5.0)]
+    peer = [(400.0, 1000.0, 10.0), (200.0, 500.0, 20.0), (300.0, 1000.0, 9.0)]
+    results = []
+    for k, ((a, b, la), (c, d, lc)) in enumerate(zip(mine, peer)):
+        results += [_result("ufcpu-int8", k, {"8x128": a, "mix": b}, la),
+                    _result("ort-int8-crammed", k, {"8x128": c, "mix": d}, lc)]
+    combined = {r["row"]: r for r in enc.combine_rounds(results)}
+    assert combined["ufcpu-int8"]["workloads"]["8x128"]["tokens_per_s"] == 900.0
+    assert combined["ufcpu-int8"]["workloads"]["8x128"]["rounds_tokens_per_s"] == [1000.0, 500.0, 900.0]
+    assert combined["ort-int8-crammed"]["latency"]["p50_ms"] == 10.0
+    assert combined["ufcpu-int8"]["peak_rss_mb"] == 102.0 and combined["ufcpu-int8"]["rounds"] == 3
+    ratios = {r["workload"]: r for r in enc.peer_ratios_by_round(results, workloads)}
+    assert ratios["8x128"]["rounds"] == [2.5, 2.5, 3.0] and ratios["8x128"]["ratio"] == 2.5
+    assert ratios["8x128"]["reached"] is True                    # target 2x, judged on the median
+    assert ratios["sentence"]["rounds"] == [0.4, 0.4, 5.0 / 9.0] and ratios["sentence"]["reached"] is True
+    assert ratios["mix"]["ratio"] == 3.0
+    # the medians of the combined figures would give another ratio: rounds are not mixed
+    assert combined["ufcpu-int8"]["workloads"]["8x128"]["tokens_per_s"] / \
+        combined["ort-int8-crammed"]["workloads"]["8x128"]["tokens_per_s"] == 900.0 / 300.0
+    assert "2.50x (2.50-3.00x)" in "\n".join(enc.peer_markdown(list(ratios.values())))
+
+
+def test_encoder_one_round_is_unchanged():
+    enc = _encoder_module()
+    results = [_result("ufcpu-int8", 0, {"mix": 3000.0}, 4.0), _result("ort-int8-crammed", 0, {"mix": 1000.0}, 10.0)]
+    assert enc.combine_rounds(results) == results
+    (mix, sentence) = enc.peer_ratios_by_round(results, {"mix": None})
+    assert mix["ratio"] == 3.0 and mix["rounds"] == [3.0] and sentence["ratio"] == 0.4
+
+
+def test_encoder_rounds_must_be_positive(tmp_path):
+    proc = subprocess.run([sys.executable, str(BENCH / "encoder.py"), "--smoke", "--out", str(tmp_path),
+                           "--rounds", "0"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "--rounds: expected a whole number >= 1, got '0'" in proc.stderr
