@@ -1186,6 +1186,8 @@ VNNI_ROWS = 8        # tokens of a register block (at most)
 VNNI_COLS = VNNI_GROUP * VNNI_GROUPS   # output columns per claim; N is padded to a multiple of it
 VNNI_SPAN = 4        # column blocks per claim: each thread streams runs of consecutive weights (the prefetchers lose
                      # track when two threads take turns block by block, and a shared product got slower than one alone)
+VNNI_PREFETCH = 16   # steps (64 B of a group each) a register block prefetches its weights ahead: the hardware
+                     # prefetchers start again at every 4 KB page of the three streams (bench/README.md, "int8")
 VNNI_TOKENS = 256    # tokens per claim: their activations (192 KB at K 768) stay in L2 over every column block
 U8_BIAS = np.int32(128)                # vpdpbusd multiplies u8 by s8: x + 128, minus 128 * sum_k w[n, k]
 
@@ -1348,10 +1350,15 @@ def _vnni_rows(builder, dp, rows, xbase, xstride, wbase, wstride, count, cells):
     for r in range(rows):
         for g in range(VNNI_GROUPS):
             builder.store(zeros, cells[r][g])
+    prefetch = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(ir.VoidType(), [ir.IntType(8).as_pointer(), i32, i32, i32]), "llvm.prefetch.p0")
     with cgutils.for_range(builder, count) as loop:
         i = loop.index
         wv = [builder.load(builder.bitcast(builder.gep(w, [builder.mul(i, ir.Constant(i64, 64))]), v16.as_pointer()),
                            align=1) for w in ws]
+        for w in ws:   # each group's stream VNNI_PREFETCH steps ahead (past its end: the next group's start)
+            ahead = builder.gep(w, [builder.mul(builder.add(i, ir.Constant(i64, VNNI_PREFETCH)), ir.Constant(i64, 64))])
+            builder.call(prefetch, [ahead, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
         for r in range(rows):
             word = builder.load(builder.bitcast(builder.gep(xs[r], [builder.mul(i, ir.Constant(i64, 4))]),
                                                 i32.as_pointer()), align=1)
