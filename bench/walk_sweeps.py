@@ -42,7 +42,7 @@ def drivers():
 
         @njit(nogil=True, cache=True)
         def route_sweep(x, w_in, b_in, depth, routes, logits):  # [T, H] -> routes, logits [T, D+1]
-            size = kernels.route_tile(x.shape[0], kernels.ROUTE_TILE_MAX)
+            size = kernels.route_tile(x.shape[0], kernels.ROUTE_TILE_MAX, 1)
             for tile in range((x.shape[0] + size - 1) // size):
                 kernels._fff_route_tile(x, w_in, b_in, depth, routes, logits, tile, size)
 

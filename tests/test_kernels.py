@@ -78,6 +78,32 @@ def test_fff_walk_token_independent_of_its_batch(t, depth):
                 np.testing.assert_array_equal(got[i - 1], one[0])
 
 
+def test_route_tiles_cut_a_small_input_evenly_for_the_threads_expected():
+    tile = lambda t, threads: kernels.route_tile(t, 64, threads)   # noqa: E731
+    assert [tile(11, n) for n in (0, 1, 2, 3)] == [16, 16, 6, 4]
+    assert [tile(t, 2) for t in (1, 2, 16, 20, 31, 32, 40)] == [1, 1, 8, 10, 16, 16, 16]
+    assert tile(4096, 2) == tile(4096, 1) == 64                     # large batches: as many tiles as ever
+
+
+@pytest.mark.parametrize("t", [1, 3, 11, 20, 33])
+def test_fff_walk_for_threads_expected_gives_the_same_bits(t):
+    """A caller that expects helpers cuts a small input into more route tiles; done by one thread
+    (the helpers never came) it gives the bits of one tile."""
+    rng = np.random.default_rng(t)
+    x, w_in, b_in, w_out = random_tree(rng, t, 64, 7)
+    runs = []
+    for threads_expected in (0, 2, 3):
+        state = np.zeros(kernels.SHARED_SLOTS, np.int64)
+        state[kernels.SHARED_THREADS] = threads_expected
+        out = (np.full_like(x, np.nan), np.full((t, 8), -1, np.int32), np.full((t, 8), np.nan, f32))
+        kernels.fff_walk(x, w_in, b_in, w_out, 7, *out, state)
+        runs.append(out)
+    assert not np.isnan(runs[0][0]).any()
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.parametrize("t,depth,min_tokens", [(0, 3, 0), (1, 2, 0), (300, 6, 0), (2000, 11, 0), (50, 4, 51)])
 def test_fff_leaf_order_is_a_stable_sort_by_leaf(t, depth, min_tokens):
     rng = np.random.default_rng(t)
@@ -761,7 +787,7 @@ def _walk_variant(x, w_in, b_in, w_out, depth, group, tile_max, unit):
     routes = np.full((t_count, depth + 1), -1, np.int32)
     logits = np.full((t_count, depth + 1), np.nan, np.float32)
     split = kernels._split_level(t_count, depth, group)
-    size = kernels.route_tile(t_count, tile_max)
+    size = kernels.route_tile(t_count, tile_max, 1)
     for tile in range((t_count + size - 1) // size):
         kernels._fff_route_tile(x, w_in, b_in, depth, routes, logits, tile, size, split)
     if split <= depth:

@@ -60,7 +60,8 @@ SHARED_NEXT = 0      # the next block nobody has claimed
 SHARED_INSIDE = 1    # threads inside the kernel
 SHARED_DONE = 2      # blocks finished, for a kernel whose second sweep needs the whole first
 SHARED_NEXT_2 = 3    # the next block of that second sweep
-SHARED_SLOTS = 4
+SHARED_THREADS = 4   # threads the caller expects to join (0: unknown); a small input may be cut for them
+SHARED_SLOTS = 5
 
 
 @intrinsic
@@ -1026,12 +1027,17 @@ def _leaf_order(routes, depth, min_tokens):  # routes [T, D+1] -> [T] int32 toke
 
 
 @njit(inline="always", **_JIT)
-def route_tile(t_count, largest):  # tokens -> tokens per route tile: 16, up to `largest` for large batches
+def route_tile(t_count, largest, threads):  # tokens -> tokens per route tile: 16, up to `largest` for large batches
     """Larger tiles put more tokens at each node of a pass (more shared row loads); at least
-    ROUTE_TILES tiles are kept for the threads to share. Tiles change no bits."""
+    ROUTE_TILES tiles are kept for the threads to share. Fewer tokens than `threads` tiles of 16
+    are cut evenly among the threads (a sentence's 11 tokens: 6 and 5), since one core's route
+    sweep waits on its row loads while the other's memory bandwidth is idle; alone (threads <= 1)
+    a small input stays one tile. Tiles change no bits."""
     size = ROUTE_TILE
     while size * 2 <= largest and size * 2 * ROUTE_TILES <= t_count:
         size *= 2
+    if threads > 1 and t_count < threads * size:
+        size = max(1, (t_count + threads - 1) // threads)
     return size
 
 
@@ -1145,7 +1151,7 @@ def fff_walk(x, w_in, b_in, w_out, depth, out, routes, logits, state):
     split = _split_level(x.shape[0], depth, SPLIT_GROUP)
     if split <= depth and not _worth_splitting(x, w_in, b_in, depth, split, SPLIT_PROBE):
         split = depth + 1
-    size = route_tile(x.shape[0], ROUTE_TILE_MAX)
+    size = route_tile(x.shape[0], ROUTE_TILE_MAX, state[SHARED_THREADS])
     tiles = (x.shape[0] + size - 1) // size
     _fff_route_loop(state, SHARED_NEXT, tiles, (x, w_in, b_in, depth, routes, logits, state, size, split))
     while fetch_add(state, SHARED_DONE, 0) < tiles:   # tiles other threads are still routing
@@ -1728,6 +1734,7 @@ def fff_walk_boxed(box, helpers, x, w_in, b_in, w_out, depth, out, routes, logit
           and out.flags.c_contiguous and routes.flags.c_contiguous and logits.flags.c_contiguous)
     if not _take_box(box, helpers, ok):
         return False
+    state[SHARED_THREADS] = 1 + min(helpers, load_acquire(box, BOX_SPINNING))   # these will come at once
     post_walk(box, helpers, x, w_in, b_in, w_out, depth, out, routes, logits, state)
     fff_walk(x, w_in, b_in, w_out, depth, out, routes, logits, state)
     _close_box(box)
