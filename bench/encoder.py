@@ -298,7 +298,7 @@ def latency(fn, sizes: Sizes) -> dict:
 # globals and `threads.run`), so replacing them inside this worker process times them without
 # touching the code.
 TIMED_FUNCTIONS = {"attention": "attention", "linear": "projections",
-                   "layer_norm": "layer_norm"}
+                   "layer_norm": "layer_norm", "add_layer_norm": "layer_norm"}
 TIMED_KERNELS = {"attention_heads": "attention_heads", "fff_walk": "fff_walk"}
 
 
@@ -334,7 +334,8 @@ def timed_blocks():
 def breakdown(run, cases: dict) -> dict:
     """Where the product's time goes (one warm, instrumented run per case): the attention
     projections (QKV and output), the attention kernel (scores, softmax, context), the rest of
-    attention, LayerNorms, the FFF walk, and the rest (embedding, residual adds, mask, Python). Shares of the wall-clock total; the timers add a few microseconds per call."""
+    attention, LayerNorms (with the residual adds before them), the FFF walk, and the rest
+    (embedding, mask, Python). Shares of the wall-clock total; the timers add a few microseconds per call."""
     out = {}
     for name, batches in cases.items():
         with timed_blocks() as acc:
@@ -653,8 +654,8 @@ def markdown(results: list[dict], rows: list[Row], skipped: dict, cfg, workloads
         out += ["## Where ufcpu's FFF rows spend their time", "",
                 "One instrumented run per case; shares of wall-clock. projections = the QKV and output "
                 "products; attention_heads = the kernel of the score and context products and the softmax; "
-                "attention_other = the rest of attention (allocations, calls); other = "
-                "embedding, residual adds, mask, Python.", ""]
+                "attention_other = the rest of attention (allocations, calls); layer_norm = the LayerNorms "
+                "with the residual adds they follow (one kernel); other = embedding, mask, Python.", ""]
         out.append(common.md_table(["row", "threads", "case", "total ms"] + list(parts),
                                    [[r["row"], r["threads"], case, fmt(b["total_ms"])]
                                     + [f"{100 * b[p] / b['total_ms']:.0f}%" for p in parts]

@@ -1003,3 +1003,25 @@ def test_self_attention_runs_every_sequence():
     cfg = Config(layers=1, hidden=768, heads=12, vocab=10, depth=1)
     got = fwd.self_attention(qkv, fwd.spans(np.full(4, 9), 9), bias, layer, cfg)
     np.testing.assert_allclose(got, attention_ref(qkv, bias, 0.125, 12), rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("t,h", [(1, 8), (11, 768), (70, 40)])
+def test_add_layer_norm_is_the_add_then_layer_norm(t, h):
+    """The fused residual add and LayerNorm: the sum numpy's float32 add gives, and the bits of
+    layer_norm on it; with helpers too."""
+    rng = np.random.default_rng(t)
+    x, d = rng.standard_normal((t, h), dtype=f32), rng.standard_normal((t, h), dtype=f32)
+    w, b = rng.standard_normal(h, dtype=f32), rng.standard_normal(h, dtype=f32)
+    want_s = x + d
+    want = fwd.layer_norm(want_s, w, b, 1e-12)
+    s, out = fwd.add_layer_norm(x, d, w, b, 1e-12)
+    np.testing.assert_array_equal(s, want_s)
+    np.testing.assert_array_equal(out, want)
+    with threads.calls(2):
+        s2, out2 = fwd.add_layer_norm(x[None], d[None], w, b, 1e-12)   # [1, T, H] keeps its shape
+    assert s2.shape == out2.shape == (1, t, h)
+    np.testing.assert_array_equal(s2[0], want_s)
+    np.testing.assert_array_equal(out2[0], want)
+    ref = (want_s - want_s.mean(1, keepdims=True)) / np.sqrt(want_s.var(1, keepdims=True) + 1e-12) * w + b
+    np.testing.assert_allclose(out, ref, atol=2e-5, rtol=1e-4)
+

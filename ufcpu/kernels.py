@@ -47,6 +47,7 @@ SQRT1_2 = np.float32(1.0 / math.sqrt(2.0))   # exact GELU: 0.5 z (1 + erf(z / sq
 MASK_BIAS = np.float32(-10000.0)              # additive score of a padded key, as the reference does
 
 
+
 # ---------------------------------------------------------------------------------------------
 # Shared kernels: the calling thread and helper threads claim blocks from one counter
 # ---------------------------------------------------------------------------------------------
@@ -266,6 +267,27 @@ _layer_norm_loop = claim_loop(_layer_norm_block)
 def layer_norm(x, w, b, eps, out, state):  # [T, H], [H], [H], float, [T, H] -> out; shared
     fetch_add(state, SHARED_INSIDE, 1)
     _layer_norm_loop(state, SHARED_NEXT, (x.shape[0] + ROW_BLOCK - 1) // ROW_BLOCK, (x, w, b, eps, out))
+    fetch_add(state, SHARED_INSIDE, -1)
+
+
+@njit(inline="always", **_JIT)
+def _add_layer_norm_block(blk, args):
+    x, d, w, b, eps, s, out = args
+    for t in range(blk * ROW_BLOCK, min((blk + 1) * ROW_BLOCK, x.shape[0])):
+        xt, dt, st = x[t], d[t], s[t]
+        for j in range(st.shape[0]):
+            st[j] = xt[j] + dt[j]
+        _layer_norm_row(s, w, b, eps, out, t)
+
+
+_add_layer_norm_loop = claim_loop(_add_layer_norm_block)
+
+
+@njit(**_JIT)
+def add_layer_norm(x, d, w, b, eps, s, out, state):  # [T, H] x2, [H], [H], float -> s = x + d, out = LN(s); shared
+    """A residual add and the LayerNorm after it in one pass over each row (a layer has two)."""
+    fetch_add(state, SHARED_INSIDE, 1)
+    _add_layer_norm_loop(state, SHARED_NEXT, (x.shape[0] + ROW_BLOCK - 1) // ROW_BLOCK, (x, d, w, b, eps, s, out))
     fetch_add(state, SHARED_INSIDE, -1)
 
 
@@ -1779,6 +1801,7 @@ _SHARED = {  # kernel -> first-argument size from which helpers are offered a sh
     matmul_nt: 2 * 768,
     fff_walk: 32 * 768,
     layer_norm: 256 * 768,
+    add_layer_norm: 256 * 768,      # as LayerNorm
     attention_heads: 64 * 3 * 768,  # QKV elements: from 64 tokens of the full model
     gelu_: 16 * 3072,
     quantize_rows: 256 * 768,       # as LayerNorm: one pass over each row
@@ -1802,6 +1825,8 @@ def _example_calls() -> dict:
     calls = {
         gelu_: [(np.ones((2, 4), f32),)],
         layer_norm: [(x, k(np.ones(4, f32)), k(np.zeros(4, f32)), f32(1e-12), np.empty_like(x)) for k in kinds],
+        add_layer_norm: [(x, np.ones((2, 4), f32), k(np.ones(4, f32)), k(np.zeros(4, f32)), f32(1e-12),
+                          np.empty_like(x), np.empty_like(x)) for k in kinds],
         attention_heads: [(np.ones((2, 6), f32), np.array([[0, 2]], np.int64), np.zeros((1, 2), f32), f32(1.0), 1,
                            np.empty((2, 2), f32))],
         matmul_nt: [(x, k(np.ones((3, 4), f32)), np.empty((2, 3), f32)) for k in kinds],

@@ -40,6 +40,14 @@ def layer_norm(x: np.ndarray, w: np.ndarray, b: np.ndarray, eps: float) -> np.nd
     return out.reshape(x.shape)
 
 
+def add_layer_norm(x: np.ndarray, d: np.ndarray, w: np.ndarray, b: np.ndarray,
+                   eps: float) -> tuple[np.ndarray, np.ndarray]:  # [..., H] x2 -> (x + d, LayerNorm(x + d))
+    flat = np.ascontiguousarray(x).reshape(-1, x.shape[-1])
+    s, out = np.empty_like(flat), np.empty_like(flat)
+    threads.run(kernels.add_layer_norm, flat, np.ascontiguousarray(d, f32).reshape(flat.shape), w, b, f32(eps), s, out)
+    return s.reshape(x.shape), out.reshape(x.shape)
+
+
 def embed(ids: np.ndarray, w: Weights, cfg: Config) -> np.ndarray:  # [B, S] -> [B, S, H]
     x = w.word[ids] + w.pos_scale * sinusoidal_positions(ids.shape[1], cfg.hidden)
     return layer_norm(x, w.emb_ln_w, w.emb_ln_b, cfg.norm_eps)
@@ -138,11 +146,26 @@ FFN = {"fff": feedforward, "dense-masked": feedforward_dense_masked}
 
 # --- the encoder ----------------------------------------------------------------------------------
 
-def block(x: np.ndarray, attend, layer: Layer, cfg: Config, ffn=feedforward) -> np.ndarray:
-    """One pre-LN layer: x [..., H] -> [..., H]; attend(h, layer, cfg) is the attention of the
-    LayerNorm's output h, padded ([B, S, H]) or packed ([T, H])."""
-    x = x + attend(layer_norm(x, layer.ln1_w, layer.ln1_b, cfg.norm_eps), layer, cfg)
-    return x + ffn(layer_norm(x, layer.ln2_w, layer.ln2_b, cfg.norm_eps), layer, cfg)
+def block(x: np.ndarray, h: np.ndarray, attend, layer: Layer, after: tuple, cfg: Config,
+          ffn=feedforward) -> tuple[np.ndarray, np.ndarray]:
+    """One pre-LN layer: x [..., H] and h = its first LayerNorm of x -> (the layer's output x',
+    LayerNorm `after` = (weight, bias) of x': the next layer's first, or the final one). Each
+    residual add runs with the LayerNorm that follows it. attend(h, layer, cfg) is the attention
+    of h, padded ([B, S, H]) or packed ([T, H])."""
+    x, h = add_layer_norm(x, attend(h, layer, cfg), layer.ln2_w, layer.ln2_b, cfg.norm_eps)
+    return add_layer_norm(x, ffn(h, layer, cfg), *after, cfg.norm_eps)
+
+
+def layers(x: np.ndarray, attend, w: Weights, cfg: Config, ffn, on_layer) -> np.ndarray:  # [..., H] -> [..., H]
+    """The embedding's output through every layer -> the final LayerNorm's output; on_layer(x)
+    sees each layer's output."""
+    norms = [(layer.ln1_w, layer.ln1_b) for layer in w.layers] + [(w.final_ln_w, w.final_ln_b)]
+    h = layer_norm(x, *norms[0], cfg.norm_eps)
+    for layer, after in zip(w.layers, norms[1:]):
+        x, h = block(x, h, attend, layer, after, cfg, ffn)
+        if on_layer:
+            on_layer(x)
+    return h
 
 
 # Packed batches. Every layer but attention works token by token, so a batch of right-padded
@@ -187,23 +210,15 @@ def _layers_padded(x, mask, _, w: Weights, cfg: Config, ffn, on_layer) -> np.nda
     b, s, _ = x.shape
     seqs, bias = spans(np.full(b, s), stride=s), key_bias(mask)
     attend = lambda h, layer, cfg: attention(h, seqs, bias, layer, cfg)  # noqa: E731
-    for layer in w.layers:
-        x = block(x, attend, layer, cfg, ffn)
-        if on_layer:
-            on_layer(x)
-    return layer_norm(x, w.final_ln_w, w.final_ln_b, cfg.norm_eps)
+    return layers(x, attend, w, cfg, ffn, on_layer)
 
 
 def _layers_packed(x, mask, lengths, w: Weights, cfg: Config, ffn, on_layer) -> np.ndarray:  # [B, S, H] -> [B, S, H]
     real = mask.astype(bool)
     seqs, bias = spans(lengths), np.zeros((len(lengths), int(lengths.max())), f32)   # no padded key
     attend = lambda h, layer, cfg: attention(h, seqs, bias, layer, cfg)  # noqa: E731
-    x = x[real]                                                            # [T, H]
-    for layer in w.layers:
-        x = block(x, attend, layer, cfg, ffn)
-        if on_layer:
-            on_layer(unpack(real, x))
-    return unpack(real, layer_norm(x, w.final_ln_w, w.final_ln_b, cfg.norm_eps))
+    seen = (lambda x: on_layer(unpack(real, x))) if on_layer else None  # noqa: E731
+    return unpack(real, layers(x[real], attend, w, cfg, ffn, seen))        # on [T, H]
 
 
 def encoder_trace(ids: np.ndarray, mask: np.ndarray, w: Weights, cfg: Config) -> dict[str, np.ndarray]:
