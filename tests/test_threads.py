@@ -99,6 +99,22 @@ def test_helpers_spin_then_sleep_and_an_offer_wakes_them():
     _until(lambda: threads._asleep == threads.helper_count(), "the woken helper did not go back to sleep")
 
 
+def test_a_helper_whose_spin_ends_as_a_call_begins_spins_again():
+    """A call that begins while a helper is between its spin's end and its sleep finds it awake
+    and wakes nobody: the helper must not sleep through that call (its kernels would then run
+    on one thread). The rule a helper applies there, checked directly."""
+    with threads._lock:
+        seen = threads._calls             # what a helper reads before it spins
+    with threads.calls(2):                # a call begins (waking the sleeping helpers it needs)
+        pass
+    assert threads._may_sleep(seen) is False
+    with threads._lock:
+        now = threads._calls
+    assert threads._may_sleep(now) is True   # no call since: it may sleep (counted asleep)
+    with threads._lock:
+        threads._asleep -= 1              # (no thread really went to sleep here)
+
+
 def test_a_shared_kernel_gets_a_fresh_state_that_spinning_helpers_watch():
     before = threads._ahead
     state = threads._post(lambda *a: None, (), 1, shared=True)

@@ -225,6 +225,7 @@ _awake = np.zeros(1, np.int64)                             # [0]: helpers runnin
 _box = np.zeros(kernels.BOX_SLOTS, np.int64)               # the box (kernels.py), served by spinning helpers
 _wake: queue.SimpleQueue = queue.SimpleQueue()             # one token per sleeping helper woken
 _asleep = 0                                                # helpers asleep on _wake, no token yet
+_calls = 0                                                 # model calls begun with helpers (_rouse)
 _lock = threading.Lock()                                   # guards the board's appends, _posted, _ahead, _asleep
 _helpers: list[threading.Thread] = []
 _grow = threading.Lock()
@@ -253,24 +254,31 @@ def _spin_checks() -> int:
 def _next_offer():
     """-> the next (kernel, args) from the board: spinning (without the GIL) while offers may come
     soon, then asleep until an offer wakes this helper."""
-    global _asleep
     checks = _spin_checks()
     while True:
         with _lock:     # read before the board: an offer made after them changes _posted and uses ahead
-            seen, ahead = int(_posted[0]), _ahead
+            seen, ahead, calls = int(_posted[0]), _ahead, _calls
         try:
             return _board.popleft()
         except IndexError:
             pass
-        if kernels.wait_offer(_posted, seen, ahead, checks, _awake, _box):
+        if kernels.wait_offer(_posted, seen, ahead, checks, _awake, _box) or not _may_sleep(calls):
             continue
-        with _lock:
-            if _board:
-                continue
-            _asleep += 1
         kernels.count_add(_awake, -1)
         _wake.get()
         kernels.count_add(_awake, 1)
+
+
+def _may_sleep(calls: int) -> bool:
+    """A helper whose spin ended: count it asleep -> True, unless an offer is on the board or a
+    call began since `calls` (read before the spin). Such a call found this helper awake, so did
+    not wake it, maybe while it waited for the GIL to get here: it spins again for its kernels."""
+    global _asleep
+    with _lock:
+        if _board or _calls != calls:
+            return False
+        _asleep += 1
+        return True
 
 
 def _serve() -> None:
@@ -331,8 +339,10 @@ def _rouse(n: int) -> None:
     """Before a call's kernels: n helpers started, and the sleeping ones among them woken, so that
     they spin when its first kernel comes (kernels.py, "The box"); a call whose kernels are all
     too small for the board would otherwise never wake them."""
+    global _calls
     _ensure(n)
     with _lock:
+        _calls += 1
         woken = _sleepers_to_wake(n)
     _wake_up(woken)
 
@@ -391,13 +401,13 @@ def run_here(kernel, *args):
 # --- fork ----------------------------------------------------------------------------------------
 
 def _after_fork_in_child() -> None:
-    global _board, _ahead, _awake, _box, _wake, _asleep, _lock, _grow, _gate
+    global _board, _ahead, _awake, _box, _wake, _asleep, _calls, _lock, _grow, _gate
     _board = collections.deque(maxlen=1)
     _ahead = np.zeros(kernels.SHARED_SLOTS, np.int64)
     _awake = np.zeros(1, np.int64)
     _box = np.zeros(kernels.BOX_SLOTS, np.int64)
     _wake = queue.SimpleQueue()
-    _asleep = 0
+    _asleep = _calls = 0
     _lock = threading.Lock()
     _grow = threading.Lock()
     _helpers.clear()
