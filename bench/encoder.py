@@ -655,7 +655,7 @@ def markdown(results: list[dict], rows: list[Row], skipped: dict, cfg, workloads
                 "One instrumented run per case; shares of wall-clock. projections = the QKV and output "
                 "products; attention_heads = the kernel of the score and context products and the softmax; "
                 "attention_other = the rest of attention (allocations, calls); layer_norm = the LayerNorms "
-                "with the residual adds they follow (one kernel); other = embedding, mask, Python.", ""]
+                "and the residual add each runs with (one kernel); other = embedding, mask, Python.", ""]
         out.append(common.md_table(["row", "threads", "case", "total ms"] + list(parts),
                                    [[r["row"], r["threads"], case, fmt(b["total_ms"])]
                                     + [f"{100 * b[p] / b['total_ms']:.0f}%" for p in parts]
