@@ -633,12 +633,13 @@ def test_a_boxed_launch_needs_a_spinning_helper_and_the_box_to_itself():
 
 def portable_box_cases(seed):
     """-> {name: (boxed launch, post, kernel, fresh(): its arguments with NaN outputs and a zero
-    state)} for the walk and attention, the boxes every CPU has."""
+    state)} for the walk, attention and add_layer_norm, the boxes every CPU has."""
     rng = np.random.default_rng(seed)
     x, w_in, b_in, w_out = random_tree(rng, 11, 64, 7)
     qkv = rng.standard_normal((29, 3 * 128), dtype=f32)
     seqs = fwd.spans([11, 1, 17])
     bias = fwd.key_bias(rng.random((3, 17)) > 0.2)
+    x_ln, d_ln = np.ascontiguousarray(qkv[:, :64]), np.ascontiguousarray(qkv[:, 64:128])
     return {
         "walk": (kernels.fff_walk_boxed, kernels.post_walk, kernels.fff_walk,
                  lambda: (x, w_in, b_in, w_out, 7, np.full_like(x, np.nan), np.full((11, 8), -1, np.int32),
@@ -646,6 +647,10 @@ def portable_box_cases(seed):
         "attention": (kernels.attention_heads_boxed, kernels.post_attention, kernels.attention_heads,
                       lambda: (qkv, seqs, bias, f32(0.3), 2, np.full((29, 128), np.nan, f32),
                                np.zeros(kernels.SHARED_SLOTS, np.int64))),
+        "add_layer_norm": (kernels.add_layer_norm_boxed, kernels.post_add_layer_norm, kernels.add_layer_norm,
+                           lambda: (x_ln, d_ln, w_in[0], b_in[:64].copy(), f32(1e-5),
+                                    np.full((29, 64), np.nan, f32), np.full((29, 64), np.nan, f32),
+                                    np.zeros(kernels.SHARED_SLOTS, np.int64))),
     }
 
 
@@ -655,8 +660,8 @@ def assert_same_arrays(got, want):
             np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize("name", ["walk", "attention"])
-def test_the_walk_and_attention_boxes_give_the_kernels_bits(name):
+@pytest.mark.parametrize("name", ["walk", "attention", "add_layer_norm"])
+def test_the_portable_boxes_give_the_kernels_bits(name):
     """As a helper would (serve_box on this thread, which then does every block) and as a caller
     whose helper never comes: the bits of the kernel alone; the box left closed and free."""
     boxed, post, kernel, fresh = portable_box_cases(7)[name]
@@ -676,8 +681,8 @@ def test_the_walk_and_attention_boxes_give_the_kernels_bits(name):
     assert box[[kernels.BOX_OPEN, kernels.BOX_INSIDE, kernels.BOX_OWNER]].tolist() == [0, 0, 0]
 
 
-@pytest.mark.parametrize("name", ["walk", "attention"])
-def test_the_walk_and_attention_through_threads_give_the_same_bits(name):
+@pytest.mark.parametrize("name", ["walk", "attention", "add_layer_norm"])
+def test_the_portable_boxes_through_threads_give_the_same_bits(name):
     boxed, post, kernel, fresh = portable_box_cases(8)[name]
     want = fresh()
     kernel(*want)
@@ -1025,3 +1030,22 @@ def test_add_layer_norm_is_the_add_then_layer_norm(t, h):
     ref = (want_s - want_s.mean(1, keepdims=True)) / np.sqrt(want_s.var(1, keepdims=True) + 1e-12) * w + b
     np.testing.assert_allclose(out, ref, atol=2e-5, rtol=1e-4)
 
+
+
+
+def test_a_layer_norm_of_one_block_is_not_boxed(monkeypatch):
+    """Rows of one claim have nothing to share: threads.run does not launch them through the box
+    (its dispatch alone would cost more than sharing gains); one row more, it does."""
+    launched = []
+
+    def boxed(box, helpers, *args):
+        launched.append(args[0].shape[0])
+        return False                                  # declined: threads.run runs it alone
+    monkeypatch.setitem(kernels.BOXED, kernels.add_layer_norm, boxed)
+    rng = np.random.default_rng(3)
+    for rows in (kernels.ROW_BLOCK, kernels.ROW_BLOCK + 1):
+        x, d = (rng.standard_normal((rows, 8), dtype=f32) for _ in range(2))
+        with threads.calls(2):
+            s, out = fwd.add_layer_norm(x, d, np.ones(8, f32), np.zeros(8, f32), 1e-5)
+        np.testing.assert_array_equal(s, x + d)
+    assert launched == [kernels.ROW_BLOCK + 1]

@@ -1607,7 +1607,7 @@ BOX_LIMIT = 5      # helpers the caller lets in (its thread count - 1)
 BOX_KIND = 6       # which kernel: one of the three below
 BOX_ARGS = 8       # the kernel's array addresses, then its sizes
 BOX_SLOTS = BOX_ARGS + 16
-BOX_LINEAR, BOX_WALK, BOX_ATTENTION = 1, 2, 3
+BOX_LINEAR, BOX_WALK, BOX_ATTENTION, BOX_ADD_LAYER_NORM = 1, 2, 3, 4
 
 
 def _pointer_to(dtype):
@@ -1644,7 +1644,7 @@ def _run_linear(box):
 
 @njit(**_JIT)
 def _run_portable(box):
-    """fff_walk or attention_heads, as BOX_KIND says, on the arrays the box holds."""
+    """fff_walk, attention_heads or add_layer_norm, as BOX_KIND says, on the arrays the box holds."""
     a, z = BOX_ARGS, BOX_ARGS + 8
     if box[BOX_KIND] == BOX_WALK:
         t, h, nodes, depth = box[z], box[z + 1], box[z + 2], box[z + 3]
@@ -1657,6 +1657,12 @@ def _run_portable(box):
         attention_heads(carray(_F32_AT(box[a]), (t, width)), carray(_I64_AT(box[a + 1]), (n, 2)),
                         carray(_F32_AT(box[a + 2]), (n, s_len)), _f32_from_bits(np.int32(box[z + 6])), heads,
                         carray(_F32_AT(box[a + 3]), (t, hid)), _state_at(box, a + 4))
+    elif box[BOX_KIND] == BOX_ADD_LAYER_NORM:
+        t, h = box[z], box[z + 1]
+        add_layer_norm(carray(_F32_AT(box[a]), (t, h)), carray(_F32_AT(box[a + 1]), (t, h)),
+                       carray(_F32_AT(box[a + 2]), (h,)), carray(_F32_AT(box[a + 3]), (h,)),
+                       _f32_from_bits(np.int32(box[z + 2])), carray(_F32_AT(box[a + 4]), (t, h)),
+                       carray(_F32_AT(box[a + 5]), (t, h)), _state_at(box, a + 6))
 
 
 @njit(inline="always", **_JIT)
@@ -1763,6 +1769,15 @@ def post_attention(box, helpers, qkv, seqs, key_bias, scale, heads, out, state):
 
 
 @njit(**_JIT)
+def post_add_layer_norm(box, helpers, x, d, w, b, eps, s, out, state):  # as post_linear
+    a, z = BOX_ARGS, BOX_ARGS + 8
+    box[a], box[a + 1], box[a + 2], box[a + 3] = x.ctypes.data, d.ctypes.data, w.ctypes.data, b.ctypes.data
+    box[a + 4], box[a + 5], box[a + 6] = s.ctypes.data, out.ctypes.data, state.ctypes.data
+    box[z], box[z + 1], box[z + 2] = x.shape[0], x.shape[1], _f32_bits(np.float32(eps))
+    _open_box(box, helpers, BOX_ADD_LAYER_NORM)
+
+
+@njit(**_JIT)
 def linear_s8_vnni_boxed(box, helpers, x, xq, xs, wp, ws, wsum, out, state):
     """linear_s8_vnni(x, ..., out, state), with up to `helpers` spinning helpers joining through
     the box -> True. False, having done nothing, when no helper spins, another caller holds the
@@ -1803,8 +1818,25 @@ def attention_heads_boxed(box, helpers, qkv, seqs, key_bias, scale, heads, out, 
     return True
 
 
+@njit(**_JIT)
+def add_layer_norm_boxed(box, helpers, x, d, w, b, eps, s, out, state):
+    """add_layer_norm(...) with helpers joining through the box -> True; False as linear_s8_vnni_boxed."""
+    ok = (x.flags.c_contiguous and d.flags.c_contiguous and w.flags.c_contiguous and b.flags.c_contiguous
+          and s.flags.c_contiguous and out.flags.c_contiguous)
+    if not _take_box(box, helpers, ok):
+        return False
+    post_add_layer_norm(box, helpers, x, d, w, b, eps, s, out, state)
+    add_layer_norm(x, d, w, b, eps, s, out, state)
+    _close_box(box)
+    return True
+
+
 # kernel -> its boxed launch (threads.run tries it first)
-BOXED = {linear_s8_vnni: linear_s8_vnni_boxed, fff_walk: fff_walk_boxed, attention_heads: attention_heads_boxed}
+BOXED = {linear_s8_vnni: linear_s8_vnni_boxed, fff_walk: fff_walk_boxed, attention_heads: attention_heads_boxed,
+         add_layer_norm: add_layer_norm_boxed}
+# kernel -> the fewest rows (of its first argument) worth a boxed launch: rows of one claim have
+# nothing to share, and the launch's dispatch alone costs a few microseconds
+BOX_MIN_ROWS = {add_layer_norm: ROW_BLOCK + 1}
 
 
 # int8 kernel -> the CPU feature it needs (None: any CPU), fastest first; quant.py picks from here

@@ -379,7 +379,8 @@ def run(kernel, *args):
         return run_here(kernel, *args)
     boxed = kernels.BOXED.get(kernel)
     state = np.zeros(kernels.SHARED_SLOTS, np.int64)   # (a boxed launch that declines leaves it untouched)
-    if boxed is not None and boxed(_box, n - 1, *args, state):
+    if boxed is not None and args[0].shape[0] >= kernels.BOX_MIN_ROWS.get(kernel, 1) \
+            and boxed(_box, n - 1, *args, state):
         return None
     if args[0].size < kernels._SHARED[kernel]:
         return kernel(*args, state)
