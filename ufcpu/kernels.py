@@ -1596,7 +1596,8 @@ def host_features() -> frozenset:
 # kernels. The caller keeps the arrays alive until every helper that entered has left. A helper
 # enters only while the box is open, and both sides order these steps with sequentially
 # consistent atomics: either the helper finds the box closed, or the caller finds it inside.
-# Kernels with a box: the int8 projection (where the CPU has VNNI), the walk and attention.
+# Kernels with a box: the int8 projection (where the CPU has VNNI), the walk, attention, and the
+# fused residual add and LayerNorm.
 
 BOX_EPOCH = 0      # kernels posted so far
 BOX_OPEN = 1       # 1 while the caller is inside the posted kernel
@@ -1604,7 +1605,7 @@ BOX_INSIDE = 2     # helpers that entered it (or are checking whether they may)
 BOX_OWNER = 3      # callers holding the box: one at a time, the others take the board
 BOX_SPINNING = 4   # helpers spinning in wait_offer, the ones that serve the box
 BOX_LIMIT = 5      # helpers the caller lets in (its thread count - 1)
-BOX_KIND = 6       # which kernel: one of the three below
+BOX_KIND = 6       # which kernel: one of the kinds below
 BOX_ARGS = 8       # the kernel's array addresses, then its sizes
 BOX_SLOTS = BOX_ARGS + 16
 BOX_LINEAR, BOX_WALK, BOX_ATTENTION, BOX_ADD_LAYER_NORM = 1, 2, 3, 4
