@@ -47,7 +47,6 @@ SQRT1_2 = np.float32(1.0 / math.sqrt(2.0))   # exact GELU: 0.5 z (1 + erf(z / sq
 MASK_BIAS = np.float32(-10000.0)              # additive score of a padded key, as the reference does
 
 
-
 # ---------------------------------------------------------------------------------------------
 # Shared kernels: the calling thread and helper threads claim blocks from one counter
 # ---------------------------------------------------------------------------------------------
@@ -490,15 +489,20 @@ def _softmax_tile(typingctx, st, st_row, s_len, bias, scale):
     return types.void(st, st_row, s_len, bias, scale), codegen
 
 
+def _prefetch_ir(builder, ptr, locality: int) -> None:
+    """IR: ask for the cache line at i8* ptr without waiting for it (locality 3: into L1, 2: L2)."""
+    i8, i32 = ir.IntType(8), ir.IntType(32)
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8.as_pointer(), i32, i32, i32]),
+                                        "llvm.prefetch.p0")
+    builder.call(fn, [ptr, ir.Constant(i32, 0), ir.Constant(i32, locality), ir.Constant(i32, 1)])
+
+
 @intrinsic
 def _prefetch(typingctx, address):
     """Ask for the cache line at an integer address (into L2 and closer), without waiting for it."""
     def codegen(context, builder, signature, args):
-        i8, i32 = ir.IntType(8), ir.IntType(32)
-        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8.as_pointer(), i32, i32, i32]),
-                                            "llvm.prefetch.p0")
-        ptr = builder.inttoptr(context.cast(builder, args[0], signature.args[0], types.int64), i8.as_pointer())
-        builder.call(fn, [ptr, ir.Constant(i32, 0), ir.Constant(i32, 2), ir.Constant(i32, 1)])
+        address = context.cast(builder, args[0], signature.args[0], types.int64)
+        _prefetch_ir(builder, builder.inttoptr(address, ir.IntType(8).as_pointer()), 2)
         return context.get_dummy_value()
     return types.void(address), codegen
 
@@ -1406,15 +1410,13 @@ def _vnni_rows(builder, dp, rows, xbase, xstride, wbase, wstride, count, cells):
     for r in range(rows):
         for g in range(VNNI_GROUPS):
             builder.store(zeros, cells[r][g])
-    prefetch = cgutils.get_or_insert_function(
-        builder.module, ir.FunctionType(ir.VoidType(), [ir.IntType(8).as_pointer(), i32, i32, i32]), "llvm.prefetch.p0")
     with cgutils.for_range(builder, count) as loop:
         i = loop.index
         wv = [builder.load(builder.bitcast(builder.gep(w, [builder.mul(i, ir.Constant(i64, 64))]), v16.as_pointer()),
                            align=1) for w in ws]
         for w in ws:   # each group's stream VNNI_PREFETCH steps ahead (past its end: the next group's start)
-            ahead = builder.gep(w, [builder.mul(builder.add(i, ir.Constant(i64, VNNI_PREFETCH)), ir.Constant(i64, 64))])
-            builder.call(prefetch, [ahead, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+            _prefetch_ir(builder, builder.gep(w, [builder.mul(builder.add(i, ir.Constant(i64, VNNI_PREFETCH)),
+                                                              ir.Constant(i64, 64))]), 3)
         for r in range(rows):
             word = builder.load(builder.bitcast(builder.gep(xs[r], [builder.mul(i, ir.Constant(i64, 4))]),
                                                 i32.as_pointer()), align=1)

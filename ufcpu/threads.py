@@ -10,8 +10,9 @@ kernels"). A model's `threads` governs both, on every call of that model:
   same count run at once, and a waiting call is let in before newer calls of the count in force).
 - `run(kernel, *args)` launches a shared kernel: on the calling thread, with `count() - 1`
   helpers offered a share when the input is large enough (`kernels._SHARED`). The int8
-  projection, the walk and attention go through the box instead when a helper spins
-  (`kernels.BOXED`): the helpers join from their spin, without the GIL, at any size. Each model
+  projection, the walk, attention and the fused add and LayerNorm go through the box instead
+  when a helper spins (`kernels.BOXED`, from `kernels.BOX_MIN_ROWS` rows): the helpers join from
+  their spin, without the GIL. Each model
   call wakes its sleeping helpers first, so that they spin when its first kernel comes.
 - The helpers are plain daemon Python threads, started on first use. Between kernels they spin
   for a new offer (in a Numba loop, without the GIL) for about 2 ms, then sleep on a queue; each
@@ -226,7 +227,7 @@ _box = np.zeros(kernels.BOX_SLOTS, np.int64)               # the box (kernels.py
 _wake: queue.SimpleQueue = queue.SimpleQueue()             # one token per sleeping helper woken
 _asleep = 0                                                # helpers asleep on _wake, no token yet
 _calls = 0                                                 # model calls begun with helpers (_rouse)
-_lock = threading.Lock()                                   # guards the board's appends, _posted, _ahead, _asleep
+_lock = threading.Lock()                                   # guards the board's appends, _posted, _ahead, _asleep, _calls
 _helpers: list[threading.Thread] = []
 _grow = threading.Lock()
 
