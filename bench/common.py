@@ -83,6 +83,16 @@ def repeat(fn: Callable[[], object], min_repeats: int, max_repeats: int, budget_
     return samples
 
 
+def as_engine(a: np.ndarray) -> np.ndarray:  # [R, C] float32 -> a copy that starts on a cache line
+    """Rows placed as the engine places them (weights from its file, activations from
+    `model.rows_like`): 64-byte aligned, so a bench's walk reads what the engine's reads."""
+    from ufcpu import kernels
+    out = kernels.empty_aligned(*a.shape)
+    out[...] = a
+    out.flags.writeable = a.flags.writeable
+    return out
+
+
 def stats(samples: list[float]) -> dict:
     a = np.asarray(samples, float)
     return {"median_s": float(np.median(a)), "min_s": float(a.min()), "max_s": float(a.max()),

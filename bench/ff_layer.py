@@ -89,15 +89,16 @@ def random_inputs(sizes: Sizes, seed: int) -> tuple[list[FFLayer], list[np.ndarr
     crammed = random_crammed(sizes.layers, h)
     layers = []
     for i in range(sizes.layers):
-        w_in = rng.standard_normal((n, h), dtype=f32) * f32(1 / math.sqrt(h))
+        w_in = common.as_engine(rng.standard_normal((n, h), dtype=f32) * f32(1 / math.sqrt(h)))
         b_in = rng.standard_normal(n, dtype=f32) * f32(0.3)
-        w_out = rng.standard_normal((n, h), dtype=f32) * f32(1 / math.sqrt(n))
+        w_out = common.as_engine(rng.standard_normal((n, h), dtype=f32) * f32(1 / math.sqrt(n)))
         layers.append(FFLayer(w_in, b_in, w_out, equal_params(w_in, b_in, w_out), crammed[i]))
     y = rng.standard_normal((max(sizes.tokens), h), dtype=f32)
     y -= y.mean(axis=1, keepdims=True)
     y /= y.std(axis=1, keepdims=True)
     y *= f32(1) + f32(0.2) * rng.standard_normal(h, dtype=f32)
     y += f32(0.2) * rng.standard_normal(h, dtype=f32)
+    y = common.as_engine(y)
     meta = {"source": "random", "weights": "init scale of the project's random checkpoints",
             "activations": "LayerNorm-shaped random rows, shared by all layers"}
     return layers, [y] * sizes.layers, meta
@@ -143,7 +144,7 @@ def captured_inputs(model_path: str, sizes: Sizes, seed: int) -> tuple[Sizes, li
         keep.append(real)
         got += int(real.sum())
     real = np.concatenate(keep)
-    acts = [np.ascontiguousarray(np.concatenate(c)[real][:need]) for c in captured]
+    acts = [common.as_engine(np.concatenate(c)[real][:need]) for c in captured]   # aligned, as the engine's
     crammed = random_crammed(cfg.layers, cfg.hidden)
     layers = [FFLayer(ly.w_in, ly.b_in, ly.w_out, equal_params(ly.w_in, ly.b_in, ly.w_out), crammed[i])
               for i, ly in enumerate(m.weights.layers)]
@@ -177,8 +178,9 @@ def paper_setup(layers: list[FFLayer], acts: list[np.ndarray]) -> tuple[list[FFL
     token goes left at every node (strict >) and the 12 rows of that one path stay in L1. The
     dense baselines keep the first layer's weights: a GEMM takes as long whatever the values."""
     ly = layers[0]
-    zero = FFLayer(np.zeros_like(ly.w_in), np.zeros_like(ly.b_in), np.zeros_like(ly.w_out), ly.equal, ly.crammed)
-    return [zero], [np.zeros_like(acts[0])]
+    zero = FFLayer(common.as_engine(np.zeros_like(ly.w_in)), np.zeros_like(ly.b_in),
+                   common.as_engine(np.zeros_like(ly.w_out)), ly.equal, ly.crammed)
+    return [zero], [common.as_engine(np.zeros_like(acts[0]))]
 
 
 # case -> (layers, activations) it cycles through

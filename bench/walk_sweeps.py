@@ -71,6 +71,7 @@ def layer(case: str, tokens: int, hidden: int, depth: int, seed: int) -> tuple:
         arrays = [x, rng.standard_normal((n, hidden), dtype=f32) * f32(1 / math.sqrt(hidden)),
                   rng.standard_normal(n, dtype=f32) * f32(0.3),
                   rng.standard_normal((n, hidden), dtype=f32) * f32(1 / math.sqrt(n))]
+    arrays = [a if a.ndim == 1 else common.as_engine(a) for a in arrays]   # rows on cache lines, as in the engine
     for a in arrays[1:]:
         a.flags.writeable = False
     return tuple(arrays)

@@ -152,6 +152,7 @@ def test_walk_tuning_table_names_known_tunables_only():
     assert kernels.LEAF_ORDER_MIN == kernels.TUNING["leaf_order_min"] >= 1
     assert kernels.ROUTE_TILE_MAX == kernels.TUNING["route_tile_max"] >= kernels.ROUTE_TILE
     assert kernels.SPLIT_GROUP == kernels.TUNING["split_group"] >= 1
+    assert kernels.WALK_VEC == kernels.TUNING["walk_vec"] in (4, 8, 16)
 
 
 def test_fff_routes_right_only_when_z_positive():
@@ -721,66 +722,115 @@ def test_vnni_product_is_never_offered_without_the_feature(monkeypatch):
 from numba import njit  # noqa: E402
 
 
-@njit(cache=False)
-def _dots_share3_of(x, w):  # x [4, H], w [3, H] -> [4, 3]: every token with every row
-    xa, xs = np.int64(x.ctypes.data), np.int64(x.strides[0])
-    wa, ws = np.int64(w.ctypes.data), np.int64(w.strides[0])
-    z = kernels._dots_share3((xa, xa + xs, xa + 2 * xs, xa + 3 * xs), (wa, wa + ws, wa + 2 * ws), x.shape[1])
-    out = np.empty((4, 3), np.float32)
-    for i in range(12):
-        out[i // 3, i % 3] = z[i]
-    return out
+LANES = sorted({8, 16, kernels.WALK_VEC})   # every vector width a CPU's tuning may choose, whichever this one runs
 
 
-@njit(cache=False)
-def _dots_pair3_of(x, w, a, b):  # tokens a, b with rows w[3a..3a+2], w[3b..3b+2] -> [2, 3]
-    xa, xs = np.int64(x.ctypes.data), np.int64(x.strides[0])
-    wa, ws = np.int64(w.ctypes.data), np.int64(w.strides[0])
-    z = kernels._dots_pair3((xa + a * xs, xa + b * xs),
-                            (wa, wa + ws, wa + 2 * ws, wa + 3 * ws, wa + 4 * ws, wa + 5 * ws), x.shape[1])
-    return np.array([[z[0], z[1], z[2]], [z[3], z[4], z[5]]], np.float32)
+def _walk_sums(lanes):
+    """-> (share3_of, pair3_of, out_of): the walk's intrinsics built with `lanes`, as functions
+    of arrays; with kernels.WALK_VEC, the kernels' own."""
+    own = lanes == kernels.WALK_VEC
+    share3 = kernels._dots_share3 if own else kernels._walk_dots(tuple((t, r) for t in range(4) for r in range(3)), lanes)
+    pair3 = kernels._dots_pair3 if own else kernels._walk_dots(((0, 0), (0, 1), (0, 2), (1, 3), (1, 4), (1, 5)), lanes)
+    out_share = kernels._out_share if own else kernels._walk_out(4, lanes)
+    out_one = kernels._out_one if own else kernels._walk_out(1, lanes)
+
+    @njit(cache=False)
+    def share3_of(x, w):  # x [4, H], w [3, H] -> [4, 3]: every token with every row
+        xa, xs = np.int64(x.ctypes.data), np.int64(x.strides[0])
+        wa, ws = np.int64(w.ctypes.data), np.int64(w.strides[0])
+        z = share3((xa, xa + xs, xa + 2 * xs, xa + 3 * xs), (wa, wa + ws, wa + 2 * ws), x.shape[1])
+        out = np.empty((4, 3), np.float32)
+        for i in range(12):
+            out[i // 3, i % 3] = z[i]
+        return out
+
+    @njit(cache=False)
+    def pair3_of(x, w, a, b):  # tokens a, b with rows w[3a..3a+2], w[3b..3b+2] -> [2, 3]
+        xa, xs = np.int64(x.ctypes.data), np.int64(x.strides[0])
+        wa, ws = np.int64(w.ctypes.data), np.int64(w.strides[0])
+        z = pair3((xa + a * xs, xa + b * xs), (wa, wa + ws, wa + 2 * ws, wa + 3 * ws, wa + 4 * ws, wa + 5 * ws),
+                  x.shape[1])
+        return np.array([[z[0], z[1], z[2]], [z[3], z[4], z[5]]], np.float32)
+
+    @njit(cache=False)
+    def out_of(w, route, g, share):  # w [N, H], route [L] int32, g [4, L] -> [4, H] each token's sum
+        out = np.full((4, w.shape[1]), np.nan, np.float32)
+        wa, ws = np.int64(w.ctypes.data), np.int64(w.strides[0])
+        ga, gs = np.int64(g.ctypes.data), np.int64(g.strides[0])
+        oa, os = np.int64(out.ctypes.data), np.int64(out.strides[0])
+        ra = np.int64(route.ctypes.data)
+        if share:
+            out_share((ga, ga + gs, ga + 2 * gs, ga + 3 * gs), wa, ws, ra, route.shape[0],
+                      (oa, oa + os, oa + 2 * os, oa + 3 * os), w.shape[1])
+        else:
+            for i in range(4):
+                out_one((ga + i * gs,), wa, ws, ra, route.shape[0], (oa + i * os,), w.shape[1])
+        return out
+    return share3_of, pair3_of, out_of
 
 
-@pytest.mark.parametrize("h", [1, 7, 8, 15, 16, 24, 40, 768])
-def test_walk_dots_match_numpy_and_each_other(h):
+WALK_SUMS = {lanes: _walk_sums(lanes) for lanes in LANES}
+
+
+@pytest.mark.parametrize("lanes", LANES)
+@pytest.mark.parametrize("h", [1, 7, 8, 15, 16, 24, 40, 48, 57, 768])
+def test_walk_dots_match_numpy_and_each_other(h, lanes):
     """A dot product is the same bits whichever intrinsic computes it and whatever shares its loads."""
+    share3_of, pair3_of, _ = WALK_SUMS[lanes]
     rng = np.random.default_rng(h)
     x = rng.standard_normal((4, h), dtype=f32)
     w = rng.standard_normal((6, h), dtype=f32)
-    shared = _dots_share3_of(x, w[:3])
+    shared = share3_of(x, w[:3])
     np.testing.assert_allclose(shared, x.astype(np.float64) @ w[:3].T.astype(np.float64), rtol=1e-5, atol=1e-5 * h)
     for a, b in ((0, 1), (2, 3), (1, 1)):
         w2 = np.concatenate([w[:3], w[:3]])
-        pair = _dots_pair3_of(x, w2, a, b)
+        pair = pair3_of(x, w2, a, b)
         np.testing.assert_array_equal(pair[0], shared[a])
         np.testing.assert_array_equal(pair[1], shared[b])
 
 
-@njit(cache=False)
-def _out_of(w, route, g, share):  # w [N, H], route [L] int32, g [4, L] -> [4, H] each token's sum
-    out = np.full((4, w.shape[1]), np.nan, np.float32)
-    wa, ws = np.int64(w.ctypes.data), np.int64(w.strides[0])
-    ga, gs = np.int64(g.ctypes.data), np.int64(g.strides[0])
-    oa, os = np.int64(out.ctypes.data), np.int64(out.strides[0])
-    ra = np.int64(route.ctypes.data)
-    if share:
-        kernels._out_share((ga, ga + gs, ga + 2 * gs, ga + 3 * gs), wa, ws, ra, route.shape[0],
-                           (oa, oa + os, oa + 2 * os, oa + 3 * os), w.shape[1])
-    else:
-        for i in range(4):
-            kernels._out_one((ga + i * gs,), wa, ws, ra, route.shape[0], (oa + i * os,), w.shape[1])
-    return out
-
-
+@pytest.mark.parametrize("lanes", LANES)
 @pytest.mark.parametrize("h,levels", [(1, 1), (7, 3), (40, 12), (100, 12), (768, 12), (64, 13)])
-def test_walk_output_rows_match_numpy_and_each_other(h, levels):
+def test_walk_output_rows_match_numpy_and_each_other(h, levels, lanes):
+    _, _, out_of = WALK_SUMS[lanes]
     rng = np.random.default_rng(h + levels)
     w = rng.standard_normal((50, h), dtype=f32)
     route = rng.integers(0, 50, levels).astype(np.int32)
     g = rng.standard_normal((4, levels), dtype=f32)
-    shared = _out_of(w, route, g, True)
+    shared = out_of(w, route, g, True)
     np.testing.assert_allclose(shared, g.astype(np.float64) @ w[route].astype(np.float64), rtol=1e-5, atol=1e-5)
-    np.testing.assert_array_equal(_out_of(w, route, g, False), shared)
+    np.testing.assert_array_equal(out_of(w, route, g, False), shared)
+
+
+def _misaligned(a, offset):  # -> a copy of a whose data starts `offset` bytes past a 64-byte boundary
+    buf = np.empty(a.nbytes + 128, np.uint8)
+    start = -buf.ctypes.data % 64 + offset
+    out = buf[start:start + a.nbytes].view(a.dtype).reshape(a.shape)
+    out[...] = a
+    return out
+
+
+@pytest.mark.parametrize("offset", [4, 16, 32])
+def test_fff_walk_bits_do_not_depend_on_where_the_rows_start(offset):
+    """Aligned rows only make the walk's vector loads cheaper: inputs and weights anywhere give
+    the same bits (here in the tiled and the split walk of this CPU)."""
+    x, w_in, b_in, w_out = random_tree(np.random.default_rng(offset), 700, 768, 11)
+    want = fwd.fff(*(_misaligned(a, 0) for a in (x, w_in, b_in, w_out)), 11)
+    for t in (9, 700):
+        got = fwd.fff(*(_misaligned(a, offset) for a in (x[:t], w_in, b_in, w_out)), 11)
+        for g, w in zip(got, want):
+            np.testing.assert_array_equal(g, w[:t])
+
+
+@pytest.mark.parametrize("rows,cols", [(0, 768), (1, 1), (3, 5), (11, 768), (700, 24)])
+def test_empty_aligned_starts_on_a_cache_line(rows, cols):
+    a = kernels.empty_aligned(rows, cols)
+    assert a.shape == (rows, cols) and a.dtype == f32 and a.flags.c_contiguous and a.flags.writeable
+    assert a.ctypes.data % kernels.ALIGN == 0
+    a[...] = 1.5   # its own memory, all of it
+    assert a.sum() == 1.5 * rows * cols
+    big = fwd.rows_like(np.ones((max(rows, fwd.ALIGNED_MIN_ROWS), cols), f32))
+    assert big.ctypes.data % kernels.ALIGN == 0 and big.dtype == f32
 
 
 @njit(cache=False)

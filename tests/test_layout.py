@@ -83,6 +83,37 @@ def test_engine_file_is_what_the_layout_declares_and_safetensors_reads_it(tmp_pa
         n for n in layout.WRITTEN_FILES if (ckpt / n).is_file() or n in (layout.WEIGHTS_FILE, layout.CONFIG_FILE))
 
 
+def test_engine_tensors_start_on_cache_lines_and_the_data_stays_contiguous(tmp_path):
+    """Every tensor of a multiple of 64 bytes (all the [*, 768] ones of the real model) starts on
+    a 64-byte boundary of the file; the odd-sized ones follow them all, with no gap anywhere."""
+    from ufcpu import safetensors_io as st
+
+    ckpt = write_random_checkpoint(tmp_path / "ckpt", **DIMS)
+    engine = conv.convert(ckpt, tmp_path / "engine")
+    header, data_start, size = st.read_header(engine / layout.WEIGHTS_FILE)
+    assert data_start % st.ALIGN == 0
+    spans = sorted(e["data_offsets"] for e in header.values())
+    assert spans[0][0] == 0 and spans[-1][1] == size - data_start
+    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+    aligned = [n for n, e in header.items() if (e["data_offsets"][1] - e["data_offsets"][0]) % st.ALIGN == 0]
+    odd = header.keys() - set(aligned)
+    assert aligned and odd   # the tiny model has both kinds
+    assert all(header[n]["data_offsets"][0] % st.ALIGN == 0 for n in aligned)
+    assert max(header[n]["data_offsets"][0] for n in aligned) < min(header[n]["data_offsets"][0] for n in odd)
+    for name, a in st.open_tensors(engine / layout.WEIGHTS_FILE).items():
+        assert a.ctypes.data % st.ALIGN == 0 or name in odd
+
+
+def test_placement_keeps_large_odd_tensors_in_order():
+    from ufcpu import safetensors_io as st
+
+    big_odd = (st.DEFER_MAX // 4 + 1,)
+    offsets, order = st.placement([("a", (16,)), ("b", (3,)), ("c", big_odd), ("d", (32, 2)), ("e", (1,))])
+    assert order == ["a", "c", "d", "b", "e"]
+    assert offsets == {"a": 0, "c": 64, "d": 64 + 4 * big_odd[0], "b": 64 + 4 * big_odd[0] + 256,
+                       "e": 64 + 4 * big_odd[0] + 268}
+
+
 def test_an_older_cache_entry_is_converted_again_never_misread(tmp_path, monkeypatch):
     """A conversion written under another format version, at the key this checkpoint maps to (as a
     cache filled by an older ufcpu whose key this version would still compute): converted again."""

@@ -47,6 +47,20 @@ SQRT1_2 = np.float32(1.0 / math.sqrt(2.0))   # exact GELU: 0.5 z (1 + erf(z / sq
 MASK_BIAS = np.float32(-10000.0)              # additive score of a padded key, as the reference does
 
 
+ALIGN = 64   # bytes: a cache line, and one zmm load
+
+
+@njit(**_JIT)
+def empty_aligned(rows, cols):  # -> float32 [rows, cols], uninitialised, its first element on an ALIGN boundary
+    """With rows of a multiple of ALIGN bytes (H = 768: 3072), every row starts on a cache line,
+    so the walk's full-width loads of a row and of its weight rows (aligned in the engine file)
+    split none. In Numba: a NumPy allocation plus the slicing costs 3-4 us from Python, this 1."""
+    lanes = ALIGN // 4
+    buf = np.empty(rows * cols + lanes, np.float32)
+    start = (-buf.ctypes.data % ALIGN) // 4
+    return buf[start:start + rows * cols].reshape(rows, cols)
+
+
 # ---------------------------------------------------------------------------------------------
 # Shared kernels: the calling thread and helper threads claim blocks from one counter
 # ---------------------------------------------------------------------------------------------
@@ -716,33 +730,69 @@ def matmul_nt(x, w, out, state):  # x [M, K], w [N, K] -> out [M, N] = x @ w.T; 
 
 ROUTE_TILE = 16   # tokens whose routes advance together, below ROUTE_TILE * ROUTE_TILES tokens
 SHARE = 4         # tokens that share each load of a node's rows (`_dots_share3`, `_out_share`)
-WALK_VEC = 8      # floats per vector of the walk's own code (ymm: LLVM's choice on both CPUs measured)
 
 
-def _vec_sum(builder, v):  # <8 x float> -> float: lanes halved in a fixed order, no reassociation
+def _target_cpu() -> str:
+    """The CPU name LLVM compiles the kernels for: the one Numba keys its cache on, so a cached
+    kernel always holds the tunables of its own CPU."""
+    import llvmlite.binding as llvm
+    from numba.core import config
+    return config.CPU_NAME or llvm.get_host_cpu_name()
+
+
+# Tunables of the walk that suit one CPU and not another, read once at import (numbers:
+# bench/README.md, "The walk per CPU"). A CPU not listed keeps DEFAULT_TUNING, the tuning
+# measured on Zen 4.
+#   leaf_order_min: tokens from which the output sweep takes them by leaf (`_leaf_order`).
+#   route_tile_max: the largest route tile (`route_tile`); tiles of 16 below 512 tokens.
+#   split_group: tokens per node at the split level (`_split_level`); NEVER: no split.
+#   walk_vec: floats per vector of the walk's sums (`_walk_dots`, `_walk_out`).
+NEVER = 1 << 62
+DEFAULT_TUNING = {"leaf_order_min": NEVER, "route_tile_max": ROUTE_TILE, "split_group": NEVER, "walk_vec": 8}
+WALK_TUNING = {
+    # Xeon Ice Lake-SP: an L3 as slow as DRAM, so deep rows are worth reading once per group
+    # and full-width FMAs that pay once the rows start on a cache line (`empty_aligned`)
+    "icelake-server": {"leaf_order_min": 512, "route_tile_max": 64, "split_group": 32, "walk_vec": 16},
+}
+TUNING = {**DEFAULT_TUNING, **WALK_TUNING.get(_target_cpu(), {})}
+LEAF_ORDER_MIN = TUNING["leaf_order_min"]
+ROUTE_TILE_MAX = TUNING["route_tile_max"]
+SPLIT_GROUP = TUNING["split_group"]
+WALK_VEC = TUNING["walk_vec"]
+
+
+def _vec_sum(builder, v):  # <n x float> -> float: lanes halved in a fixed order, no reassociation
     i32 = ir.IntType(32)
-    for width in (4, 2, 1):
+    width = v.type.count // 2
+    while width >= 1:
         lo = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(i32, width), list(range(width))))
         hi = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(i32, width), list(range(width, 2 * width))))
         v = builder.fadd(lo, hi)
+        width //= 2
     return builder.extract_element(v, ir.Constant(i32, 0)) if isinstance(v.type, ir.VectorType) else v
 
 
-def _f32_at(builder, base, index, vector):  # float* base, int64 index -> load 1 float or WALK_VEC floats there
+def _f32_at(builder, base, index, lanes):  # float* base, int64 index -> load 1 float (lanes 0) or a vector there
     ptr = builder.gep(base, [index])
-    if vector:
-        return builder.load(builder.bitcast(ptr, ir.VectorType(ir.FloatType(), WALK_VEC).as_pointer()), align=4)
+    if lanes:
+        return builder.load(builder.bitcast(ptr, ir.VectorType(ir.FloatType(), lanes).as_pointer()), align=4)
     return builder.load(ptr, align=4)
 
 
-def _walk_dots(pairs):
+def _fma(builder, lanes):  # -> llvm.fma of <lanes x float> (lanes 0: of float)
+    kind = ir.VectorType(ir.FloatType(), lanes) if lanes else ir.FloatType()
+    name = f"llvm.fma.v{lanes}f32" if lanes else "llvm.fma.f32"
+    return cgutils.get_or_insert_function(builder.module, ir.FunctionType(kind, [kind] * 3), name)
+
+
+def _walk_dots(pairs, lanes=WALK_VEC):
     """-> an intrinsic dots(xs, ws, h): for each (s, r) in `pairs`, the dot product of the h
     floats at address xs[s] with the h floats at address ws[r], as a tuple of float32. Each x row
     and weight row is loaded once per chunk for every pair that uses it, so tokens at one node
     share the loads of its rows. Written in LLVM IR with no fast-math flags: every dot of every
-    intrinsic made here is summed the same way (two 8-lane partial sums over chunks of 16
-    floats, an 8-float chunk into the first, the lanes halved, then the tail in order), so a dot's
-    bits do not depend on which other dots share its pass."""
+    intrinsic made here with the same `lanes` is summed the same way (two partial sums of `lanes`
+    lanes over chunks of 2 x lanes floats, one chunk of `lanes` into the first, the lanes halved,
+    then the tail in order), so a dot's bits do not depend on which other dots share its pass."""
     n_x = 1 + max(s for s, _ in pairs)
     n_w = 1 + max(r for _, r in pairs)
 
@@ -750,32 +800,31 @@ def _walk_dots(pairs):
     def dots(typingctx, xs, ws, h):
         def codegen(context, builder, signature, args):
             f32, i64 = ir.FloatType(), ir.IntType(64)
-            v8 = ir.VectorType(f32, WALK_VEC)
-            fma_v = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8, [v8] * 3), "llvm.fma.v8f32")
-            fma_s = cgutils.get_or_insert_function(builder.module, ir.FunctionType(f32, [f32] * 3), "llvm.fma.f32")
+            vec = ir.VectorType(f32, lanes)
+            fma_v, fma_s = _fma(builder, lanes), _fma(builder, 0)
             xp = [builder.inttoptr(a, f32.as_pointer()) for a in cgutils.unpack_tuple(builder, args[0], n_x)]
             wp = [builder.inttoptr(a, f32.as_pointer()) for a in cgutils.unpack_tuple(builder, args[1], n_w)]
             n = context.cast(builder, args[2], signature.args[2], types.int64)
-            acc = [[cgutils.alloca_once_value(builder, ir.Constant(v8, None)) for _ in range(2)] for _ in pairs]
+            acc = [[cgutils.alloca_once_value(builder, ir.Constant(vec, None)) for _ in range(2)] for _ in pairs]
             tail = [cgutils.alloca_once_value(builder, ir.Constant(f32, 0.0)) for _ in pairs]
 
             def step(off, half, vector):   # every pair's acc[half] (or tail) += w[off..] * x[off..]
-                xv = [_f32_at(builder, p, off, vector) for p in xp]
-                wv = [_f32_at(builder, p, off, vector) for p in wp]
+                xv = [_f32_at(builder, p, off, lanes if vector else 0) for p in xp]
+                wv = [_f32_at(builder, p, off, lanes if vector else 0) for p in wp]
                 for d, (s, r) in enumerate(pairs):
                     cell = acc[d][half] if vector else tail[d]
                     builder.store(builder.call(fma_v if vector else fma_s, [wv[r], xv[s], builder.load(cell)]), cell)
 
-            c16 = ir.Constant(i64, 2 * WALK_VEC)
-            chunks = builder.sdiv(n, c16)
+            chunk = ir.Constant(i64, 2 * lanes)
+            chunks = builder.sdiv(n, chunk)
             with cgutils.for_range(builder, chunks) as loop:
-                off = builder.mul(loop.index, c16)
+                off = builder.mul(loop.index, chunk)
                 step(off, 0, True)
-                step(builder.add(off, ir.Constant(i64, WALK_VEC)), 1, True)
-            done = builder.mul(chunks, c16)
-            with builder.if_then(builder.icmp_signed(">=", builder.sub(n, done), ir.Constant(i64, WALK_VEC))):
+                step(builder.add(off, ir.Constant(i64, lanes)), 1, True)
+            done = builder.mul(chunks, chunk)
+            with builder.if_then(builder.icmp_signed(">=", builder.sub(n, done), ir.Constant(i64, lanes))):
                 step(done, 0, True)
-            start = builder.sub(n, builder.srem(n, ir.Constant(i64, WALK_VEC)))
+            start = builder.sub(n, builder.srem(n, ir.Constant(i64, lanes)))
             with cgutils.for_range_slice(builder, start, n, ir.Constant(i64, 1)) as (j, _):
                 step(j, 0, False)
             sums = [builder.fadd(_vec_sum(builder, builder.fadd(builder.load(a0), builder.load(a1))), builder.load(t))
@@ -792,20 +841,19 @@ _dots_pair1 = _walk_dots(((0, 0), (1, 1)))
 _dots_share1 = _walk_dots(tuple((t, 0) for t in range(SHARE)))
 
 
-def _walk_out(k):
+def _walk_out(k, lanes=WALK_VEC):
     """-> an intrinsic out_rows(gs, base, stride, route, n_rows, outs, h): for k tokens on one
     path, outs[i][j] = sum over levels l < n_rows of gs[i][l] * w[route[l]][j], w's rows at
     base + node * stride (bytes), route an int32 array's address, gs the tokens' GELU(z). Each
     row chunk is loaded once for the k tokens. Every column is the same chain of FMAs, level 0
-    first, in every intrinsic made here (no fast-math flags), so a token's output does not
-    depend on how many tokens shared its loads."""
+    first, in every intrinsic made here with the same `lanes` (no fast-math flags), so a token's
+    output does not depend on how many tokens shared its loads."""
     @intrinsic
     def out_rows(typingctx, gs, base, stride, route, n_rows, outs, h):
         def codegen(context, builder, signature, args):
             f32, i32, i64 = ir.FloatType(), ir.IntType(32), ir.IntType(64)
-            v8 = ir.VectorType(f32, WALK_VEC)
-            fma_v = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8, [v8] * 3), "llvm.fma.v8f32")
-            fma_s = cgutils.get_or_insert_function(builder.module, ir.FunctionType(f32, [f32] * 3), "llvm.fma.f32")
+            vec = ir.VectorType(f32, lanes)
+            fma_v, fma_s = _fma(builder, lanes), _fma(builder, 0)
             gp = [builder.inttoptr(a, f32.as_pointer()) for a in cgutils.unpack_tuple(builder, args[0], k)]
             op = [builder.inttoptr(a, f32.as_pointer()) for a in cgutils.unpack_tuple(builder, args[5], k)]
             w0 = builder.inttoptr(args[1], ir.IntType(8).as_pointer())
@@ -814,9 +862,9 @@ def _walk_out(k):
             n_rows = context.cast(builder, args[4], signature.args[4], types.int64)
             n = context.cast(builder, args[6], signature.args[6], types.int64)
 
-            def columns(col, vecs):   # outs[.][col .. col + vecs * 8) (vecs = 0: the one column col)
+            def columns(col, vecs):   # outs[.][col .. col + vecs * lanes) (vecs = 0: the one column col)
                 width = vecs or 1
-                kind = v8 if vecs else f32
+                kind = vec if vecs else f32
                 cells = [[cgutils.alloca_once_value(builder, ir.Constant(kind, None)) for _ in range(width)]
                          for _ in range(k)]
                 for row in cells:
@@ -825,31 +873,31 @@ def _walk_out(k):
                 with cgutils.for_range(builder, n_rows) as level:
                     node = builder.sext(builder.load(builder.gep(rp, [level.index])), i64)
                     w = builder.bitcast(builder.gep(w0, [builder.mul(node, row_bytes)]), f32.as_pointer())
-                    rv = [_f32_at(builder, w, builder.add(col, ir.Constant(i64, v * WALK_VEC)), bool(vecs))
+                    rv = [_f32_at(builder, w, builder.add(col, ir.Constant(i64, v * lanes)), lanes if vecs else 0)
                           for v in range(width)]
                     for i in range(k):
                         g = builder.load(builder.gep(gp[i], [level.index]))
                         if vecs:
-                            g = builder.shuffle_vector(builder.insert_element(ir.Constant(v8, None), g, ir.Constant(i32, 0)),
-                                                       ir.Constant(v8, None), ir.Constant(ir.VectorType(i32, WALK_VEC), None))
+                            g = builder.shuffle_vector(builder.insert_element(ir.Constant(vec, None), g, ir.Constant(i32, 0)),
+                                                       ir.Constant(vec, None), ir.Constant(ir.VectorType(i32, lanes), None))
                         for v in range(width):
                             c = cells[i][v]
                             builder.store(builder.call(fma_v if vecs else fma_s, [rv[v], g, builder.load(c)]), c)
                 for i in range(k):
                     for v in range(width):
-                        ptr = builder.gep(op[i], [builder.add(col, ir.Constant(i64, v * WALK_VEC))])
+                        ptr = builder.gep(op[i], [builder.add(col, ir.Constant(i64, v * lanes))])
                         if vecs:
-                            ptr = builder.bitcast(ptr, v8.as_pointer())
+                            ptr = builder.bitcast(ptr, vec.as_pointer())
                         builder.store(builder.load(cells[i][v]), ptr, align=4)
 
-            block = 4 * WALK_VEC
+            block = 4 * lanes
             c_block = ir.Constant(i64, block)
             chunks = builder.sdiv(n, c_block)
             with cgutils.for_range(builder, chunks) as loop:
                 columns(builder.mul(loop.index, c_block), 4)
             start = builder.mul(chunks, c_block)
-            n_vec = builder.sub(n, builder.srem(n, ir.Constant(i64, WALK_VEC)))
-            with cgutils.for_range_slice(builder, start, n_vec, ir.Constant(i64, WALK_VEC)) as (col, _):
+            n_vec = builder.sub(n, builder.srem(n, ir.Constant(i64, lanes)))
+            with cgutils.for_range_slice(builder, start, n_vec, ir.Constant(i64, lanes)) as (col, _):
                 columns(col, 1)
             with cgutils.for_range_slice(builder, n_vec, n, ir.Constant(i64, 1)) as (col, _):
                 columns(col, 0)
@@ -1026,30 +1074,6 @@ def _fff_output(w_out, routes, logits, out, tokens, g):
 OUTPUT_BLOCK = 16  # tokens per claim in the output sweep
 
 
-def _target_cpu() -> str:
-    """The CPU name LLVM compiles the kernels for: the one Numba keys its cache on, so a cached
-    kernel always holds the tunables of its own CPU."""
-    import llvmlite.binding as llvm
-    from numba.core import config
-    return config.CPU_NAME or llvm.get_host_cpu_name()
-
-
-# Tunables of the walk that suit one CPU and not another, read once at import (numbers:
-# bench/README.md, "The walk per CPU"). A CPU not listed keeps DEFAULT_TUNING, the tuning
-# measured on Zen 4.
-#   leaf_order_min: tokens from which the output sweep takes them by leaf (`_leaf_order`).
-#   route_tile_max: the largest route tile (`route_tile`); tiles of 16 below 512 tokens.
-#   split_group: tokens per node at the split level (`_split_level`); NEVER: no split.
-NEVER = 1 << 62
-DEFAULT_TUNING = {"leaf_order_min": NEVER, "route_tile_max": ROUTE_TILE, "split_group": NEVER}
-WALK_TUNING = {
-    # Xeon Ice Lake-SP: an L3 as slow as DRAM, so deep rows are worth reading once per group
-    "icelake-server": {"leaf_order_min": 512, "route_tile_max": 64, "split_group": 32},
-}
-TUNING = {**DEFAULT_TUNING, **WALK_TUNING.get(_target_cpu(), {})}
-LEAF_ORDER_MIN = TUNING["leaf_order_min"]
-ROUTE_TILE_MAX = TUNING["route_tile_max"]
-SPLIT_GROUP = TUNING["split_group"]
 SPLIT_UNIT = 64    # tokens per claim below the split: one node's, in units small enough to share
 SPLIT_PROBE = 64   # tokens routed to the split level to see whether they spread (`_worth_splitting`)
 SPLIT_SPREAD = 8   # split when those enter more than one subtree in 8 of those they could

@@ -25,7 +25,7 @@ import numpy as np
 from .config import Config
 
 FORMAT = "ufcpu-engine"
-VERSION = 2                        # 2: tensors written in declared order; engine.json maps names to the source
+VERSION = 3                        # 3: data and every tensor of a multiple of 64 bytes 64-byte aligned; 2: engine.json maps names to the source
 CONFIG_FILE = "engine.json"        # format, version, config, source file and tensor names; written last
 WEIGHTS_FILE = "engine.safetensors"
 TOKENIZER_FILE = "tokenizer.json"

@@ -178,19 +178,41 @@ def open_tensors(path: str | Path) -> dict[str, np.ndarray]:
     return out
 
 
+ALIGN = 64               # bytes: where the data and every tensor of a multiple of it start (a cache line)
+DEFER_MAX = 1 << 20      # tensors of an odd size up to this are held back and written last
+
+
+def placement(specs: list[tuple[str, tuple]]) -> tuple[dict[str, int], list[str]]:
+    """-> (name -> data offset, names in file order) of float32 tensors [(name, shape)]. A tensor
+    whose size is a multiple of ALIGN keeps its place in specs and starts on an ALIGN boundary,
+    since every odd-sized one up to DEFER_MAX (biases of 4095, scalars) goes after them all; the
+    data stays contiguous, as the format requires."""
+    sizes = {name: math.prod(shape) * 4 for name, shape in specs}
+    deferred = [n for n, _ in specs if sizes[n] % ALIGN and sizes[n] <= DEFER_MAX]
+    held = set(deferred)
+    order = [n for n, _ in specs if n not in held] + deferred
+    offsets, at = {}, 0
+    for name in order:
+        offsets[name] = at
+        at += sizes[name]
+    return offsets, order
+
+
 def write_tensors(path: str | Path, specs: list[tuple[str, tuple]], arrays, metadata: dict[str, str]) -> None:
-    """A float32 safetensors file, written one tensor at a time in the order of specs [(name,
-    shape)] from the iterable arrays (so a writer holds one tensor at a time). Opened with open(),
-    so it gets the umask's mode like every other file; the header is padded with spaces to a
-    multiple of 8 bytes, as the safetensors library pads it, so every tensor is aligned."""
+    """A float32 safetensors file, written one tensor at a time from the iterable arrays in the
+    order of specs [(name, shape)] (so a writer holds one large tensor at a time, and the small
+    odd-sized ones `placement` puts last). Opened with open(), so it gets the umask's mode like
+    every other file; the header is padded with spaces (as the safetensors library pads it to 8
+    bytes) so that the data starts on an ALIGN boundary of the file, hence of its memory map."""
+    offsets, order = placement(specs)
     header: dict = {"__metadata__": metadata}
-    offset = 0
     for name, shape in specs:
         n = math.prod(shape) * 4
-        header[name] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, offset + n]}
-        offset += n
+        header[name] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offsets[name], offsets[name] + n]}
+    total = sum(math.prod(shape) * 4 for _, shape in specs)
     raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
+    raw += b" " * (-(8 + len(raw)) % ALIGN)
+    held: dict[str, np.ndarray] = {}
     written = 0
     with open(path, "xb") as f:
         f.write(len(raw).to_bytes(8, "little") + raw)
@@ -198,7 +220,14 @@ def write_tensors(path: str | Path, specs: list[tuple[str, tuple]], arrays, meta
             a = np.ascontiguousarray(a, dtype=DTYPES["F32"])
             if a.shape != tuple(shape):
                 raise ValueError(f"tensor {name!r} is {list(a.shape)}, its header entry says {list(shape)}")
+            if offsets[name] != written:    # one that goes last: a copy, since the iterable may reuse its buffer
+                held[name] = a.copy()
+                continue
             f.write(memoryview(a).cast("B"))
             written += a.nbytes
-    if written != offset:
-        raise ValueError(f"{path}: {written} bytes of tensors written, the header holds {offset}")
+        for name in order[len(order) - len(held):]:   # those held back are the end of the file order
+            a = held.pop(name)
+            f.write(memoryview(a).cast("B"))
+            written += a.nbytes
+    if written != total:
+        raise ValueError(f"{path}: {written} bytes of tensors written, the header holds {total}")
