@@ -378,7 +378,7 @@ class OthersCpu:
         ncpu = os.cpu_count() or 1
         if total > 0:
             others = (total - idle) - (self._own_cpu() - self._own)      # CPU-seconds
-            self.cores = max(0.0, others / (total / ncpu))
+            self.cores = round(max(0.0, others / (total / ncpu)), 3)   # the clock ticks are 10 ms: no more digits
         return False
 
 

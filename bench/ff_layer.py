@@ -11,8 +11,9 @@ It reproduces the paper's CPU comparison (one feedforward layer, 16384 tokens x 
   the paper's number measured, its own setup: weights and inputs all zero, every token on one path;
 - token counts 1, 128, 2048 and the paper's 16384; dense baselines of width 4095 (equal parameters)
   and 3072 (crammedBERT), same inputs, same run.
-Next to each result stand the ceilings: the FLOP limit (4095/12 = 341x) and the memory floor
-(bytes the walk must read / streaming bandwidth measured here).
+Next to each result stand the ceilings: the FLOP limit (4095/12 = 341x) and the memory floor,
+estimated (bytes the walk must read / streaming bandwidth measured here) and measured (the same
+reads and writes alone, taking turns with the walk).
 
     python bench/ff_layer.py [--threads 1,2] [--model PATH] [--out DIR] [--clock wall|thread] [--smoke]
 """
@@ -35,6 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from common import fmt, log  # noqa: E402
 from dense import DenseFF, dense_ff, equal_params, random_crammed  # noqa: E402
+
+from numba import njit  # noqa: E402
 
 from ufcpu import kernels, threads  # noqa: E402
 from ufcpu import model as fwd  # noqa: E402
@@ -153,6 +156,38 @@ def captured_inputs(model_path: str, sizes: Sizes, seed: int) -> tuple[Sizes, li
     return sizes, layers, acts, meta
 
 
+_VISITED: dict[tuple[int, int], np.ndarray] = {}   # (id of a layer's w_in, tokens) -> its visited node ids
+
+
+def visited_nodes(layer: FFLayer, y: np.ndarray, depth: int) -> np.ndarray:
+    """The sorted ids of the nodes the walk visits for the tokens y [T, H] in this layer, once
+    per (layer, T): the rows it must read."""
+    key = (id(layer.w_in), y.shape[0])
+    if key not in _VISITED:
+        _, routes, _ = fwd.fff(y, layer.w_in, layer.b_in, layer.w_out, depth)
+        _VISITED[key] = np.unique(routes).astype(np.int64)
+    return _VISITED[key]
+
+
+@njit(nogil=True, fastmath=True, cache=True)
+def _read_rows(y, w_in, w_out, nodes, out):  # y [T, H], visited node ids -> out [T, H] = y + sum of their rows
+    """The walk's memory traffic without its work: each visited row of w_in and w_out read once
+    (in node order), the input read, the output written. Its time is the walk's memory floor."""
+    acc = np.zeros(y.shape[1], np.float32)
+    for n in nodes:
+        for j in range(y.shape[1]):
+            acc[j] += w_in[n, j] + w_out[n, j]
+    for t in range(y.shape[0]):
+        for j in range(y.shape[1]):
+            out[t, j] = y[t, j] + acc[j]
+    return out
+
+
+def read_rows(y: np.ndarray, layer: FFLayer, depth: int) -> np.ndarray:
+    """`_read_rows` into a fresh output, as `model.fff` writes one."""
+    return _read_rows(y, layer.w_in, layer.w_out, visited_nodes(layer, y, depth), fwd.rows_like(y))
+
+
 # --- what is timed --------------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
@@ -164,13 +199,15 @@ class Impl:
     def label(self, layer: FFLayer, depth: int) -> str:
         return {"fff": f"FFF walk ({self.width(layer, depth)} of {layer.w_in.shape[0]} nodes)",
                 "dense-equal": f"dense {self.width(layer, depth)} (equal params)",
-                "dense-crammed": f"dense {self.width(layer, depth)} (crammedBERT)"}[self.key]
+                "dense-crammed": f"dense {self.width(layer, depth)} (crammedBERT)",
+                "rows": "the walk's reads and writes alone, one thread (visited rows once, input, output)"}[self.key]
 
 
 IMPLS = (
     Impl("fff", lambda y, ly, d: fwd.fff(y, ly.w_in, ly.b_in, ly.w_out, d)[0], lambda ly, d: d + 1),
     Impl("dense-equal", lambda y, ly, d: dense_ff(y, ly.equal), lambda ly, d: ly.equal.width),
     Impl("dense-crammed", lambda y, ly, d: dense_ff(y, ly.crammed), lambda ly, d: ly.crammed.width),
+    Impl("rows", read_rows, lambda ly, d: 0),   # the floor: one thread reading what the walk must
 )
 
 def paper_setup(layers: list[FFLayer], acts: list[np.ndarray]) -> tuple[list[FFLayer], list[np.ndarray]]:
@@ -212,9 +249,11 @@ def distinct_nodes(layers: list[FFLayer], acts: list[np.ndarray], tokens: int, d
     over the given layers. Their sum is the number of node rows the walk must load."""
     per_layer = []
     for layer, y in zip(layers, acts):
-        _, routes, _ = fwd.fff(y[:tokens], layer.w_in, layer.b_in, layer.w_out, depth)
-        per_layer.append([len(np.unique(routes[:, lv])) for lv in range(depth + 1)])
+        level = np.floor(np.log2(visited_nodes(layer, y[:tokens], depth) + 1)).astype(np.int64)   # heap ids
+        per_layer.append(np.bincount(level, minlength=depth + 1))
     return [float(x) for x in np.mean(per_layer, axis=0)]
+
+
 
 
 # What a sample's time is: wall-clock, or the calling thread's CPU time (one thread only: then
@@ -276,7 +315,7 @@ def work(impl: Impl, layer: FFLayer, tokens: int, depth: int, distinct: float) -
     h = layer.w_in.shape[1]
     flops = 4.0 * tokens * impl.width(layer, depth) * h
     act_bytes = 2.0 * tokens * h * 4
-    if impl.key == "fff":
+    if impl.key in ("fff", "rows"):
         return flops, distinct * (2 * h + 1) * 4 + act_bytes
     ff = layer.equal if impl.key == "dense-equal" else layer.crammed
     bias = 0 if ff.b1 is None else ff.b1.size
@@ -342,6 +381,7 @@ def derive(res: dict, sizes: Sizes) -> list[dict]:
         eq, cr = by[(n, case, t, "dense-equal")], by[(n, case, t, "dense-crammed")]
         bw = res["bandwidth"][n]["dram_gbs" if case == "cycled" else "layer_set_gbs"]
         floor_ms = p["bytes"] / bw / 1e6
+        rows_ms = by[(n, case, t, "rows")]["ms"] if n == 1 else None
         rows.append({
             "threads": n, "case": case, "tokens": t,
             "fff_ms": p["ms"], "dense_equal_ms": eq["ms"], "dense_crammed_ms": cr["ms"],
@@ -353,6 +393,9 @@ def derive(res: dict, sizes: Sizes) -> list[dict]:
             "fff_bytes": p["bytes"], "bandwidth_gbs": bw, "fff_floor_ms": floor_ms,
             "fff_fraction_of_floor": floor_ms / p["ms"],
             "mem_ceiling_vs_equal": eq["ms"] / floor_ms,
+            # measured floor (one thread: a floor for one-thread rows only)
+            "rows_ms": rows_ms, "rows_ceiling_vs_equal": eq["ms"] / rows_ms if rows_ms else None,
+            "fff_fraction_of_rows": rows_ms / p["ms"] if rows_ms else None,
             "distinct_nodes": sum(res["routing"][case][t]),
             "others_cpu_cores": p["others_cpu_cores"],
         })
@@ -371,7 +414,10 @@ def markdown(rows: list[dict], res: dict, sizes: Sizes, meta: dict) -> str:
            f"{w_cr / (sizes.depth + 1):.0f}x vs dense {w_cr}. Memory floor = bytes the walk must read "
            f"(distinct visited rows x 2 x {sizes.hidden * 4 / 1e3:.1f} KB + activations) / measured read "
            f"bandwidth (hot: a {fmt(res['bandwidth'][min(res['bandwidth'])]['layer_set_mb'])} MB set; "
-           f"cycled: DRAM). 'mem ceiling' = dense {w_eq} ms / FFF floor ms. FFF GB/s: bytes that must be read "
+           f"cycled: DRAM). 'mem ceiling' = dense {w_eq} ms / FFF floor ms. 'Reads alone': the time one "
+           f"thread takes to read each visited row once, read the input and write a fresh output, taking "
+           f"turns with the others (`read_rows`): the walk's memory floor, measured; 'their ceiling' = dense "
+           f"{w_eq} ms / that time. FFF GB/s: bytes that must be read "
            f"(each visited row once) / time, and bytes a token-at-a-time walk loads (rows again for every "
            f"token) / time. Others' CPUs: how many CPUs other processes kept busy while a row was measured "
            f"(a shared machine: the larger, the noisier; the implementations take turns, so a row's ratios "
@@ -386,12 +432,15 @@ def markdown(rows: list[dict], res: dict, sizes: Sizes, meta: dict) -> str:
             out.append(common.md_table(
                 ["tokens", "FFF ms", f"dense {w_eq} ms", f"dense {w_cr} ms", f"speedup vs {w_eq}",
                  f"speedup vs {w_cr}", "FFF GB/s (needed / as walked)", "FFF floor ms", "FFF % of floor",
-                 f"mem ceiling vs {w_eq}", f"GFLOP/s FFF / {w_eq} / {w_cr}", "distinct nodes", "others' CPUs"],
+                 f"mem ceiling vs {w_eq}", "reads alone ms", f"their ceiling vs {w_eq}",
+                 f"GFLOP/s FFF / {w_eq} / {w_cr}", "distinct nodes", "others' CPUs"],
                 [[r["tokens"], fmt(r["fff_ms"]), fmt(r["dense_equal_ms"]), fmt(r["dense_crammed_ms"]),
                   fmt(r["speedup_vs_equal"]) + "x", fmt(r["speedup_vs_crammed"]) + "x",
                   f"{fmt(r['fff_gbs'])} / {fmt(r['fff_walked_gbs'])}",
                   fmt(r["fff_floor_ms"]), f"{100 * r['fff_fraction_of_floor']:.0f}%",
                   fmt(r["mem_ceiling_vs_equal"]) + "x",
+                  fmt(r["rows_ms"]) if r["rows_ms"] else "-",
+                  fmt(r["rows_ceiling_vs_equal"]) + "x" if r["rows_ms"] else "-",
                   f"{fmt(r['fff_gflops'])} / {fmt(r['dense_equal_gflops'])} / {fmt(r['dense_crammed_gflops'])}",
                   f"{r['distinct_nodes']:.0f}", fmt(r["others_cpu_cores"], 2)] for r in sel]))
             out.append("")

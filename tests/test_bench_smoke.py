@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+import ufcpu
+
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 EXTRAS = ("onnx", "onnxruntime", "openvino", "torch", "matplotlib")
 PEERS_NEEDING_EXTRAS = {"ort-dense-crammed", "ort-dense-equal", "torch-dense-crammed", "ort-int8-crammed",
@@ -52,9 +54,10 @@ def test_ff_layer_smoke(tmp_path):
     res = _run("ff_layer", tmp_path)
     _machine_recorded(res)
     impls = {p["impl"] for p in res["points"]}
-    assert impls == {"fff", "dense-equal", "dense-crammed"}
+    assert impls == {"fff", "dense-equal", "dense-crammed", "rows"}
     assert {r["case"] for r in res["rows"]} == {"hot", "cycled", "paper"}
     assert all(r["fff_ms"] > 0 and r["fff_floor_ms"] > 0 for r in res["rows"])
+    assert all(r["rows_ms"] > 0 and r["rows_ceiling_vs_equal"] > 0 for r in res["rows"] if r["threads"] == 1)
     # real routing: many tokens spread over more than one node per level below the root
     big = max(res["sizes"]["tokens"])
     assert res["routing_distinct_nodes_per_level"]["hot"][str(big)][-1] > 1
@@ -260,9 +263,30 @@ def test_ff_layer_thread_clock_needs_one_thread(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_ff_layer_floor_reads_every_visited_row_and_the_input():
+    """The measured floor (`read_rows`) does read what it claims: out = y + the sum of the rows
+    of the nodes the walk visits, each row once."""
+    ffl = _bench_module("ff_layer")
+    rng = np.random.default_rng(0)
+    n, h, depth = 31, 24, 4
+    layer = ffl.FFLayer(rng.standard_normal((n, h), dtype=np.float32), rng.standard_normal(n, dtype=np.float32),
+                        rng.standard_normal((n, h), dtype=np.float32), None, None)
+    y = rng.standard_normal((40, h), dtype=np.float32)
+    nodes = ffl.visited_nodes(layer, y, depth)
+    _, routes, _ = ufcpu.model.fff(y, layer.w_in, layer.b_in, layer.w_out, depth)
+    np.testing.assert_array_equal(nodes, np.unique(routes))
+    want = y + (layer.w_in[nodes] + layer.w_out[nodes]).sum(axis=0)
+    np.testing.assert_allclose(ffl.read_rows(y, layer, depth), want, rtol=1e-5, atol=1e-4)
+    assert ffl.distinct_nodes([layer], [y], 40, depth) == [float(np.unique(routes[:, lv]).size) for lv in range(depth + 1)]
+
+
 def _encoder_module():
+    return _bench_module("encoder")
+
+
+def _bench_module(name: str):
     import importlib.util
-    spec = importlib.util.spec_from_file_location("bench_encoder", BENCH / "encoder.py")
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod          # dataclasses look their module up while it runs
     sys.path.insert(0, str(BENCH))
