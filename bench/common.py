@@ -86,8 +86,8 @@ def repeat(fn: Callable[[], object], min_repeats: int, max_repeats: int, budget_
 def as_engine(a: np.ndarray) -> np.ndarray:  # [R, C] float32 -> a copy that starts on a cache line
     """Rows placed as the engine places them (weights from its file, activations from
     `model.rows_like`): 64-byte aligned, so a bench's walk reads what the engine's reads."""
-    from ufcpu import kernels
-    out = kernels.empty_aligned(*a.shape)
+    from ufcpu import model
+    out = model.empty_aligned(a.shape)
     out[...] = a
     out.flags.writeable = a.flags.writeable
     return out

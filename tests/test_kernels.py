@@ -824,7 +824,7 @@ def test_fff_walk_bits_do_not_depend_on_where_the_rows_start(offset):
 
 @pytest.mark.parametrize("rows,cols", [(0, 768), (1, 1), (3, 5), (11, 768), (700, 24)])
 def test_empty_aligned_starts_on_a_cache_line(rows, cols):
-    a = kernels.empty_aligned(rows, cols)
+    a = fwd.empty_aligned((rows, cols))
     assert a.shape == (rows, cols) and a.dtype == f32 and a.flags.c_contiguous and a.flags.writeable
     assert a.ctypes.data % kernels.ALIGN == 0
     a[...] = 1.5   # its own memory, all of it

@@ -51,14 +51,8 @@ ALIGN = 64   # bytes: a cache line, and one zmm load
 
 
 @njit(**_JIT)
-def empty_aligned(rows, cols):  # -> float32 [rows, cols], uninitialised, its first element on an ALIGN boundary
-    """With rows of a multiple of ALIGN bytes (H = 768: 3072), every row starts on a cache line,
-    so the walk's full-width loads of a row and of its weight rows (aligned in the engine file)
-    split none. In Numba: a NumPy allocation plus the slicing costs 3-4 us from Python, this 1."""
-    lanes = ALIGN // 4
-    buf = np.empty(rows * cols + lanes, np.float32)
-    start = (-buf.ctypes.data % ALIGN) // 4
-    return buf[start:start + rows * cols].reshape(rows, cols)
+def lanes_to_align(a):  # float32 array -> how many elements from its start to the first ALIGN boundary
+    return (-a.ctypes.data % ALIGN) // 4
 
 
 # ---------------------------------------------------------------------------------------------
@@ -751,7 +745,7 @@ NEVER = 1 << 62
 DEFAULT_TUNING = {"leaf_order_min": NEVER, "route_tile_max": ROUTE_TILE, "split_group": NEVER, "walk_vec": 8}
 WALK_TUNING = {
     # Xeon Ice Lake-SP: an L3 as slow as DRAM, so deep rows are worth reading once per group
-    # and full-width FMAs that pay once the rows start on a cache line (`empty_aligned`)
+    # and full-width FMAs that pay once the rows start on a cache line (`model.empty_aligned`)
     "icelake-server": {"leaf_order_min": 512, "route_tile_max": 64, "split_group": 32, "walk_vec": 16},
 }
 TUNING = {**DEFAULT_TUNING, **WALK_TUNING.get(_target_cpu(), {})}

@@ -34,14 +34,23 @@ def sinusoidal_positions(s: int, h: int) -> np.ndarray:  # -> [S, H], read-only
 
 
 # From this many rows the activations the walk reads and writes start on a cache line: the aligned
-# allocation costs about 0.6 us more, which a sentence's walk does not win back (bench/README.md).
+# allocation costs about 1 us more, which a sentence's walk does not win back (bench/README.md).
 ALIGNED_MIN_ROWS = 64
 
 
+def empty_aligned(shape: tuple) -> np.ndarray:  # -> an uninitialised float32 array, its first element on a cache line
+    """With rows of a multiple of 64 bytes (H = 768: 3072), every row starts on a cache line, so
+    the walk's full-width loads of a row and of its weight rows (aligned in the engine file) split
+    none. NumPy allocates (it asks the OS for huge pages for large arrays; a fresh 50 MB output
+    faulted in 4 KB pages cost the walk half as much again)."""
+    n = math.prod(shape)
+    buf = np.empty(n + kernels.ALIGN // 4, f32)
+    start = kernels.lanes_to_align(buf)
+    return buf[start:start + n].reshape(shape)
+
+
 def rows_like(x: np.ndarray) -> np.ndarray:  # [T, H] -> an uninitialised float32 [T, H]
-    if x.shape[0] < ALIGNED_MIN_ROWS:
-        return np.empty(x.shape, f32)
-    return kernels.empty_aligned(x.shape[0], x.shape[1])
+    return np.empty(x.shape, f32) if x.shape[0] < ALIGNED_MIN_ROWS else empty_aligned(x.shape)
 
 
 def layer_norm(x: np.ndarray, w: np.ndarray, b: np.ndarray, eps: float) -> np.ndarray:  # [..., H] -> [..., H]
