@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 
 import pytest
@@ -294,6 +295,21 @@ def test_a_bad_spin_time_is_named_and_the_default_used(raw, monkeypatch, caplog)
             f"UFCPU_SPIN_US={raw!r} is not a whole number of microseconds: using 2000"]
     finally:
         settings.helper_spin_seconds.cache_clear()
+
+
+@pytest.mark.parametrize("raw,seconds", [("", 0.02), ("700", 7e-4)])
+def test_a_process_default_spin_yields_to_the_environment(raw, seconds, monkeypatch):
+    """`ufcpu serve` spins its helpers 20 ms between batches, unless UFCPU_SPIN_US says otherwise."""
+    from ufcpu import settings
+    app = pytest.importorskip("ufcpu.serve.app")   # the server extra
+    monkeypatch.setenv("UFCPU_SPIN_US", raw)
+    monkeypatch.setattr(sys, "setswitchinterval", lambda s: None)   # this process is not the server's
+    try:
+        app.tune_process()
+        assert settings.helper_spin_seconds() == pytest.approx(seconds)
+    finally:
+        settings.use_helper_spin_default(settings.HELPER_SPIN_US)
+    assert settings.helper_spin_seconds() == pytest.approx(2e-3 if raw == "" else seconds)
 
 
 def test_helpers_that_never_spin_still_run_every_offer(monkeypatch):

@@ -274,21 +274,31 @@ def tune_malloc() -> bool:
 
 # --- helper threads' spin ----------------------------------------------------------------------------
 HELPER_SPIN_US = 2000   # long enough to span the gaps between one call's kernels (bench/README.md, "Threads")
+_spin_default_us = HELPER_SPIN_US
+
+
+def use_helper_spin_default(us: int) -> None:
+    """This process's spin when UFCPU_SPIN_US is not set (a process that knows its calls come in
+    a steady stream a few ms apart, as `ufcpu serve`'s batches do)."""
+    global _spin_default_us
+    _spin_default_us = int(us)
+    helper_spin_seconds.cache_clear()
 
 
 @functools.lru_cache(maxsize=1)
 def helper_spin_seconds() -> float:
     """How long an idle helper thread spins for the next kernel before it sleeps: UFCPU_SPIN_US
-    microseconds (0: sleep at once, for machines where an idle core is worth more), else 2 ms.
-    A value that is not a whole number of microseconds is reported once and the default used."""
+    microseconds (0: sleep at once, for machines where an idle core is worth more), else 2 ms
+    (or the process's own default). A value that is not a whole number of microseconds is
+    reported once and the default used."""
     raw = os.environ.get("UFCPU_SPIN_US", "").strip()
     if not raw:
-        return HELPER_SPIN_US * 1e-6
+        return _spin_default_us * 1e-6
     try:
         us = int(raw)
         if us < 0:
             raise ValueError
     except ValueError:
-        log.warning("UFCPU_SPIN_US=%r is not a whole number of microseconds: using %d", raw, HELPER_SPIN_US)
-        us = HELPER_SPIN_US
+        log.warning("UFCPU_SPIN_US=%r is not a whole number of microseconds: using %d", raw, _spin_default_us)
+        us = _spin_default_us
     return us * 1e-6

@@ -28,6 +28,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from .. import heads
+from .. import settings as ufcpu_settings
 from ..chunking import piece_tokenizer
 from ..errors import UfcpuError
 from . import jsonfloat, schema
@@ -44,6 +45,18 @@ KEEP_ALIVE_S = 75      # probes and scrapes are never refused for load
 # The model thread takes the GIL back between kernels; with Python's 5 ms a busy event loop can
 # hold it that long each time while the cores idle (bench/README.md, "Serving").
 SWITCH_INTERVAL_S = 0.0005
+# Under load the batches come a round trip apart (answers written, the next requests read: about
+# 10 ms), longer than a library call's 2 ms spin: a helper that went to sleep between them took
+# the GIL to wake up and joined the next batch late (16 clients: 1.09x texts/s, bench/README.md,
+# "Serving"). Idle, the helpers sleep 20 ms after the last batch. UFCPU_SPIN_US still decides.
+SERVE_SPIN_US = 20000
+
+
+def tune_process() -> None:
+    """What a process that is the server's own sets for itself: the GIL's switch interval and
+    the helpers' spin."""
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
+    ufcpu_settings.use_helper_spin_default(SERVE_SPIN_US)
 
 
 @dataclasses.dataclass
@@ -482,7 +495,7 @@ class Server(uvicorn.Server):
 def run(settings: Settings) -> int:
     """Serve until SIGTERM/SIGINT -> exit code (2 when the model cannot be loaded)."""
     app, state = build_app(settings)
-    sys.setswitchinterval(SWITCH_INTERVAL_S)   # this process is the server's own
+    tune_process()   # this process is the server's own
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
                             lifespan="on", timeout_graceful_shutdown=None,
                             timeout_keep_alive=KEEP_ALIVE_S)
