@@ -2,7 +2,7 @@
 each sending single sentences or batches of 32 to /embed, next to offline `Model.encode` of the
 same texts in one process.
 
-    python bench/serve.py [--model PATH] [--threads 2] [--clients 1,4,16,64] [--modes single,batch32]
+    python bench/serve.py [--model PATH] [--threads 2] [--clients 1,4,16,64] [--modes single,batch32] [--rounds N]
                           [--requests 256] [--precision float32|int8] [--server-arg ARG ...]
                           [--server-env KEY=VALUE ...] [--out DIR] [--smoke]
 
@@ -207,13 +207,52 @@ def offline(texts: list[str], before: list[float], after: list[float]) -> dict:
 PHASES = ("read", "tokenize", "queue", "compute", "wake", "encode", "total", "outside_server")
 
 
+def combine_rounds(rounds: list[tuple[list[dict], dict]]) -> tuple[list[dict], dict]:
+    """[(points, offline)] of each round -> (points, offline) with each figure the median over the
+    rounds. The ratios (x offline, x the 1-client rate) are taken within each round, whose
+    points saw the same machine, and each point keeps them per round ("rounds_x_offline",
+    "rounds_x_one") with their median ("x_offline", "x_one"); errors add up."""
+    offs = [off for _, off in rounds]
+    off = {**offs[-1], "texts_per_s": float(np.median([o["texts_per_s"] for o in offs])),
+           "rounds_texts_per_s": [o["texts_per_s"] for o in offs]}
+    points = []
+    for i, last in enumerate(rounds[-1][0]):
+        runs = [pts[i] for pts, _ in rounds]
+        x_off = [p["texts_per_s"] / o["texts_per_s"] for p, o in zip(runs, offs)]
+        ones = [next((q for q in pts if q["mode"] == last["mode"] and q["clients"] == 1), None) for pts, _ in rounds]
+        x_one = [p["texts_per_s"] / q["texts_per_s"] for p, q in zip(runs, ones) if q is not None]
+        points.append({**last, **{k: float(np.median([p[k] for p in runs]))
+                                  for k in ("texts_per_s", "p50_ms", "p99_ms", "mean_inputs")},
+                       "errors": sum(p["errors"] for p in runs),
+                       "rounds_texts_per_s": [p["texts_per_s"] for p in runs],
+                       "rounds_x_offline": x_off, "x_offline": float(np.median(x_off)),
+                       "rounds_x_one": x_one, "x_one": float(np.median(x_one)) if x_one else None})
+    return points, off
+
+
+def _ratio(p: dict, key: str) -> str:   # "0.81" or, over rounds, "0.81 (0.76-0.85)"
+    if p.get(key) is None:
+        return ""
+    values = p[f"rounds_{key}"]
+    return f"{p[key]:.2f}" + (f" ({min(values):.2f}-{max(values):.2f})" if len(values) > 1 else "")
+
+
+
+
+def _offline_text(off: dict) -> str:
+    rounds = off.get("rounds_texts_per_s", [])
+    if len(rounds) > 1:
+        return (f"{fmt(off['texts_per_s'])} texts/s, the median of the rounds' {', '.join(fmt(v) for v in rounds)} "
+                f"(each the median of {off['repeats']} runs, half before the round's serving points and half after)")
+    return (f"{fmt(off['texts_per_s'])} texts/s (median of {off['repeats']}, half before the serving points and "
+            f"half after: {fmt(off['before_texts_per_s'])} and {fmt(off['after_texts_per_s'])})")
+
+
 def markdown(points: list[dict], off: dict, meta: dict) -> str:
     rows, split = [], []
     for p in points:
-        one = next((q for q in points if q["mode"] == p["mode"] and q["clients"] == 1), None)
         rows.append([p["mode"], p["clients"], p["requests"], fmt(p["texts_per_s"]), fmt(p["p50_ms"]),
-                     fmt(p["p99_ms"]), f"{p['texts_per_s'] / off['texts_per_s']:.2f}",
-                     f"{p['texts_per_s'] / one['texts_per_s']:.2f}" if one else "", fmt(p["mean_inputs"]),
+                     fmt(p["p99_ms"]), _ratio(p, "x_offline"), _ratio(p, "x_one"), fmt(p["mean_inputs"]),
                      p["errors"]])
         split.append([p["mode"], p["clients"], *(fmt(p["phases_p50_ms"].get(k)) for k in PHASES)])
     hist = "\n".join(f"- {p['mode']} x {p['clients']}: {p['batches']} batches, "
@@ -221,12 +260,15 @@ def markdown(points: list[dict], off: dict, meta: dict) -> str:
     return (f"# ufcpu serve under load\n\n{meta['model']}; server and offline at {meta['threads']} thread(s), {meta['precision']}"
             f"{' (server: ' + ' '.join(meta['server_args']) + ')' if meta['server_args'] else ''}; "
             f"{meta['cores']} cores shared by the server and the clients (one asyncio process, raw "
-            f"kept-alive connections); loadavg at start {meta['loadavg']}, at end {meta['loadavg_end']}.\n\n"
+            f"kept-alive connections); loadavg at start {meta['loadavg']}, at end {meta['loadavg_end']}."
+            + (f" {meta['rounds']} rounds, each with its own server and offline runs: the figures of the first "
+               f"table are medians over the rounds, each ratio taken within a round, its median given with its "
+               f"range; the phases and batch sizes are the last round's."
+               if meta["rounds"] > 1 else "") + "\n\n"
             + common.md_table(["mode", "clients", "requests", "texts/s", "p50 ms", "p99 ms", "x offline",
                                "x 1 client", "inputs/batch", "errors"], rows)
             + f"\n\nOffline `Model.encode(texts, batch_size=32)` of {off['texts']} of the same texts in one "
-              f"process: {fmt(off['texts_per_s'])} texts/s (median of {off['repeats']}, half before the serving "
-              f"points and half after: {fmt(off['before_texts_per_s'])} and {fmt(off['after_texts_per_s'])}).\n\n"
+              f"process: {_offline_text(off)}.\n\n"
             + "Where a request's time goes (medians, ms; the server's Server-Timing phases: read = body "
               "and JSON parse, wake = batch end until the handler runs again, encode = the JSON answer; "
               "outside_server = the client's latency minus the server's total: HTTP, loopback, client):\n\n"
@@ -234,40 +276,10 @@ def markdown(points: list[dict], off: dict, meta: dict) -> str:
             + f"\n\nBatches the server formed (inputs per batch, from /metrics):\n\n{hist}\n")
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default=None, help="checkpoint (default: the project's random full-size one)")
-    ap.add_argument("--threads", type=int, default=None, help="server and offline threads (default: all cores)")
-    ap.add_argument("--clients", default=None, help="concurrent client counts (default 1,4,16,64; --smoke: 1,4)")
-    ap.add_argument("--out", type=Path, default=common.RESULTS, help="results folder (default bench/results)")
-    ap.add_argument("--modes", default=",".join(MODES), help=f"request kinds (default {','.join(MODES)})")
-    ap.add_argument("--requests", type=int, default=256, help="texts sent per point (default 256; --smoke: 8)")
-    ap.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE",
-                    help="environment of the server process only, for A/B runs (repeatable)")
-    ap.add_argument("--precision", default="float32", help="server and offline precision (default float32)")
-    ap.add_argument("--server-arg", action="append", default=[], metavar="ARG",
-                    help="one more `ufcpu serve` argument, e.g. --server-arg=--return-wait-ms=0 (repeatable)")
-    ap.add_argument("--smoke", action="store_true", help="tiny random model, a few requests per point")
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
-    if common.optional("uvicorn") is None or common.optional("starlette") is None:
-        raise SystemExit("serve.py needs the server extra: pip install -e \".[server]\"")
-    modes = {m: MODES[m] for m in args.modes.split(",")}
-    server_env = dict(kv.split("=", 1) for kv in args.server_env)
-    started = time.perf_counter()
-    args.out.mkdir(parents=True, exist_ok=True)
-    if args.smoke:   # keep everything the smoke run writes inside --out
-        os.environ["UFCPU_CACHE"] = str((args.out / "cache").resolve())
-    from ufcpu import hub
-    cache = hub.cache_dir() / "bench"
-    source = args.model or random_checkpoint(cache / ("random-smoke" if args.smoke else "random-full-seed0"),
-                                             SMOKE_DIMS if args.smoke else None)
-    model_dir, _ = hub.resolve(source, log=log)
-    threads = args.threads or len(os.sched_getaffinity(0))
-    clients = common.parse_ints(args.clients or ("1,4" if args.smoke else "1,4,16,64"))
-    texts = sentences(64 if args.smoke else 512, args.seed)
-    info = common.machine_info()
-
+def one_round(args, model_dir: Path, threads: int, clients: tuple, modes: dict, texts: list[str],
+              server_env: dict) -> tuple[list[dict], dict, int]:
+    """Offline runs, a fresh server driven at every point, offline runs again -> (points, offline,
+    the server's exit code)."""
     repeats = 1 if args.smoke else 3
     before = offline_samples(model_dir, threads, texts, repeats, args.precision)
     log(f"offline encode: {len(texts) / np.median(before):.0f} texts/s")
@@ -293,18 +305,68 @@ def main(argv: list[str] | None = None) -> int:
         code = proc.wait(timeout=120)
     off = offline(texts, before, offline_samples(model_dir, threads, texts, repeats, args.precision))
     log(f"offline encode after the server: {off['after_texts_per_s']:.0f} texts/s")
+    return points, off, code
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=None, help="checkpoint (default: the project's random full-size one)")
+    ap.add_argument("--threads", type=int, default=None, help="server and offline threads (default: all cores)")
+    ap.add_argument("--clients", default=None, help="concurrent client counts (default 1,4,16,64; --smoke: 1,4)")
+    ap.add_argument("--out", type=Path, default=common.RESULTS, help="results folder (default bench/results)")
+    ap.add_argument("--modes", default=",".join(MODES), help=f"request kinds (default {','.join(MODES)})")
+    ap.add_argument("--requests", type=int, default=256, help="texts sent per point (default 256; --smoke: 8)")
+    ap.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE",
+                    help="environment of the server process only, for A/B runs (repeatable)")
+    ap.add_argument("--precision", default="float32", help="server and offline precision (default float32)")
+    ap.add_argument("--server-arg", action="append", default=[], metavar="ARG",
+                    help="one more `ufcpu serve` argument, e.g. --server-arg=--return-wait-ms=0 (repeatable)")
+    ap.add_argument("--smoke", action="store_true", help="tiny random model, a few requests per point")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--rounds", type=common.positive_int, default=1,
+                    help="run everything N times (offline and a fresh server each time); report medians, "
+                         "each ratio taken within its round (default 1)")
+    args = ap.parse_args(argv)
+    if common.optional("uvicorn") is None or common.optional("starlette") is None:
+        raise SystemExit("serve.py needs the server extra: pip install -e \".[server]\"")
+    modes = {m: MODES[m] for m in args.modes.split(",")}
+    server_env = dict(kv.split("=", 1) for kv in args.server_env)
+    started = time.perf_counter()
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.smoke:   # keep everything the smoke run writes inside --out
+        os.environ["UFCPU_CACHE"] = str((args.out / "cache").resolve())
+    from ufcpu import hub
+    cache = hub.cache_dir() / "bench"
+    source = args.model or random_checkpoint(cache / ("random-smoke" if args.smoke else "random-full-seed0"),
+                                             SMOKE_DIMS if args.smoke else None)
+    model_dir, _ = hub.resolve(source, log=log)
+    threads = args.threads or len(os.sched_getaffinity(0))
+    clients = common.parse_ints(args.clients or ("1,4" if args.smoke else "1,4,16,64"))
+    texts = sentences(64 if args.smoke else 512, args.seed)
+    info = common.machine_info()
+
+    rounds, codes = [], []
+    for k in range(args.rounds):
+        if args.rounds > 1:
+            log(f"round {k + 1} of {args.rounds}")
+        points, off, code = one_round(args, model_dir, threads, clients, modes, texts, server_env)
+        rounds.append((points, off))
+        codes.append(code)
+    points, off = combine_rounds(rounds)
+    code = next((c for c in codes if c != 0), 0)
     meta = {"model": (f"{source}" if args.model else "the project's random checkpoint in the exact Hub layout"
                       + (" (smoke dimensions)" if args.smoke else " (full size)")),
             "threads": threads, "precision": args.precision, "server_args": args.server_arg, "cores": os.cpu_count(),
             "loadavg": info["loadavg_at_start"],
-            "loadavg_end": common.loadavg()}
+            "loadavg_end": common.loadavg(), "rounds": args.rounds}
     md = markdown(points, off, meta)
     info["loadavg_at_end"] = meta["loadavg_end"]
     name = f"serve-{args.precision}"   # one results file per precision
     common.write_json(args.out / f"{name}.json", {
         "benchmark": "serve", "smoke": args.smoke, "machine": info, "model": meta["model"],
         "threads": threads, "precision": args.precision, "server_env": server_env, "server_args": args.server_arg,
-        "server_exit_code": code, "offline": off, "points": points,
+        "server_exit_code": code, "offline": off, "points": points, "rounds": args.rounds,
+        "results_by_round": [{"points": pts, "offline": o} for pts, o in rounds],
         "wall_s": time.perf_counter() - started})
     common.write_text(args.out / f"{name}.md", md)
     print(md)
