@@ -5,13 +5,16 @@ read or write the user's cache.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 DATA = Path(__file__).parent / "data"
+BENCH = Path(__file__).resolve().parent.parent / "bench"
 MLM_FIXTURES = ("tiny-ufb", "mini-ufb")
 ALL_FIXTURES = MLM_FIXTURES + ("tiny-ufb-cls",)
 
@@ -44,3 +47,16 @@ def expected(name: str):
 
 def texts_of(name: str) -> list[str]:
     return [str(t) for t in expected(name)["texts"]]
+
+
+def bench_module(name: str):
+    """bench/<name>.py as a module (its folder on the path while it loads, as when it runs)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod          # dataclasses look their module up while it runs
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(str(BENCH))
+    return mod

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 import ufcpu
+from conftest import bench_module
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 EXTRAS = ("onnx", "onnxruntime", "openvino", "torch", "matplotlib")
@@ -183,17 +184,9 @@ def test_precision_int8(tmp_path):
         assert m["token_cos_min"] <= m["token_cos_mean"] <= 1.0 + 1e-12 and 0.0 < m["routes_unchanged"] <= 1.0
 
 
-def _bench_module(name: str):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_accuracy_metrics_see_every_difference():
     """bench/accuracy.py's metrics on arrays with known differences (padded positions ignored)."""
-    acc = _bench_module("accuracy")
+    acc = bench_module("accuracy")
     rng = np.random.default_rng(0)
     a = rng.standard_normal((2, 3, 8)).astype(np.float32)          # [B, S, H]
     mask = np.array([[1, 1, 1], [1, 1, 0]])
@@ -219,7 +212,7 @@ def test_accuracy_metrics_see_every_difference():
 
 
 def test_accuracy_targets():
-    acc = _bench_module("accuracy")
+    acc = bench_module("accuracy")
     ok = {"token_cos_mean": 0.999, "pooled_cos_min": 0.9995, "top1_agreement": 0.97, "masked_accuracy_change": -0.01}
     assert acc.check_targets(ok) == {k: True for k in ok}
     bad = {"token_cos_mean": 0.9989, "pooled_cos_min": 0.5, "top1_agreement": 0.969, "masked_accuracy_change": 0.011}
@@ -266,7 +259,7 @@ def test_ff_layer_thread_clock_needs_one_thread(tmp_path):
 def test_ff_layer_floor_reads_every_visited_row_and_the_input():
     """The measured floor (`read_rows`) does read what it claims: out = y + the sum of the rows
     of the nodes the walk visits, each row once."""
-    ffl = _bench_module("ff_layer")
+    ffl = bench_module("ff_layer")
     rng = np.random.default_rng(0)
     n, h, depth = 31, 24, 4
     layer = ffl.FFLayer(rng.standard_normal((n, h), dtype=np.float32), rng.standard_normal(n, dtype=np.float32),
@@ -280,23 +273,6 @@ def test_ff_layer_floor_reads_every_visited_row_and_the_input():
     assert ffl.distinct_nodes([layer], [y], 40, depth) == [float(np.unique(routes[:, lv]).size) for lv in range(depth + 1)]
 
 
-def _encoder_module():
-    return _bench_module("encoder")
-
-
-def _bench_module(name: str):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod          # dataclasses look their module up while it runs
-    sys.path.insert(0, str(BENCH))
-    try:
-        spec.loader.exec_module(mod)
-    finally:
-        sys.path.remove(str(BENCH))
-    return mod
-
-
 def _result(row: str, k: int, tok_s: dict, p50: float) -> dict:
     return {"row": row, "threads": 2, "round": k, "peak_rss_mb": 100.0 + k, "others_cpu_cores": 0.1,
             "workloads": {w: {"tokens_per_s": v, "median_s": 1.0} for w, v in tok_s.items()},
@@ -306,7 +282,7 @@ def _result(row: str, k: int, tok_s: dict, p50: float) -> dict:
 def test_encoder_rounds_take_medians_and_ratios_within_rounds():
     """--rounds: each row's figures are medians over its rounds, and each ratio is taken within a
     round (the rows of a round saw the same machine), then the median over rounds is judged."""
-    enc = _encoder_module()
+    enc = bench_module("encoder")
     workloads = {"8x128": None, "mix": None}
     # the machine slows down in round 1 for both rows: within-round ratios stay 2.5x and 3x
     mine = [(1000.0, 3000.0, 4.0), (500.0, 1500.0, 8.0), (900.0, 2700.0, 5.0)]
@@ -332,7 +308,7 @@ def test_encoder_rounds_take_medians_and_ratios_within_rounds():
 
 
 def test_encoder_one_round_is_unchanged():
-    enc = _encoder_module()
+    enc = bench_module("encoder")
     results = [_result("ufcpu-int8", 0, {"mix": 3000.0}, 4.0), _result("ort-int8-crammed", 0, {"mix": 1000.0}, 10.0)]
     assert enc.combine_rounds(results) == results
     (mix, sentence) = enc.peer_ratios_by_round(results, {"mix": None})

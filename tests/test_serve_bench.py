@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import bench_module
+
 pytest.importorskip("httpx")
 pytest.importorskip("uvicorn")
 BENCH = Path(__file__).resolve().parent.parent / "bench"
@@ -31,18 +33,6 @@ def test_serve_bench_smoke(tmp_path):
     assert all(len(p["rounds_x_offline"]) == 2 for p in res["points"])
 
 
-def _serve_module():
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("bench_serve", BENCH / "serve.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(BENCH))
-    try:
-        spec.loader.exec_module(mod)
-    finally:
-        sys.path.remove(str(BENCH))
-    return mod
-
-
 def _point(clients: int, rate: float) -> dict:
     return {"mode": "single", "clients": clients, "requests": 8, "texts_per_s": rate, "p50_ms": 100.0 / rate,
             "p99_ms": 200.0 / rate, "mean_inputs": float(clients), "errors": 0}
@@ -51,7 +41,7 @@ def _point(clients: int, rate: float) -> dict:
 def test_serve_rounds_take_ratios_within_rounds():
     """--rounds: each ratio is taken within its round (the machine slowed down in round 1 for the
     offline runs and the server alike: its ratios stay those of the others), the median judged."""
-    sv = _serve_module()
+    sv = bench_module("serve")
     rounds = [([_point(1, 100.0), _point(16, 160.0)], {"texts_per_s": 200.0, "repeats": 6}),
               ([_point(1, 50.0), _point(16, 80.0)], {"texts_per_s": 100.0, "repeats": 6}),
               ([_point(1, 90.0), _point(16, 171.0)], {"texts_per_s": 190.0, "repeats": 6})]
