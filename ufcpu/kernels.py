@@ -744,8 +744,8 @@ def _target_cpu() -> str:
 NEVER = 1 << 62
 DEFAULT_TUNING = {"leaf_order_min": NEVER, "route_tile_max": ROUTE_TILE, "split_group": NEVER, "walk_vec": 8}
 WALK_TUNING = {
-    # Xeon Ice Lake-SP: an L3 as slow as DRAM, so deep rows are worth reading once per group
-    # and full-width FMAs that pay once the rows start on a cache line (`model.empty_aligned`)
+    # Xeon Ice Lake-SP: an L3 as slow as DRAM, so deep rows are worth reading once per group;
+    # full-width sums pay once the rows start on a cache line (`model.empty_aligned`)
     "icelake-server": {"leaf_order_min": 512, "route_tile_max": 64, "split_group": 32, "walk_vec": 16},
 }
 TUNING = {**DEFAULT_TUNING, **WALK_TUNING.get(_target_cpu(), {})}
